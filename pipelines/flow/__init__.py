@@ -1,0 +1,192 @@
+"""Flow pipeline: nfcapd files (NetFlow v5/v9, IPFIX, sFlow via nfcapd) -> flow table.
+
+The worker runs ``nfdump`` on each staged file and streams its text output
+into Arrow. It asks nfdump for a compact custom format rather than
+``-o csv``: only the 21 fields the table needs, plain numbers (``-N``), full
+IPv6 addresses (``-6``), times in UTC (``TZ=UTC``, which also spares nfdump a
+time-zone file lookup per flow). Measured on 1M flows this is 2-3x faster
+than the original's ``-o csv`` export (benchmarks/bench_flow.py).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from spot_ingest.pipeline import BadInputError, Pipeline
+
+from .protocols import PROTOCOL_NAMES
+
+# (nfdump format tag, Arrow type it is read as) in output order.
+NFDUMP_FIELDS = (
+    ("tr", pa.string()), ("td", pa.float32()), ("sa", pa.string()), ("da", pa.string()),
+    ("sp", pa.int32()), ("dp", pa.string()), ("pr", pa.uint8()), ("flg", pa.string()),
+    ("fwd", pa.int32()), ("stos", pa.int32()), ("ipkt", pa.int64()), ("ibyt", pa.int64()),
+    ("opkt", pa.int64()), ("obyt", pa.int64()), ("in", pa.int32()), ("out", pa.int32()),
+    ("sas", pa.int64()), ("das", pa.int64()), ("dtos", pa.int32()), ("dir", pa.string()),
+    ("ra", pa.string()),
+)
+NFDUMP_FORMAT = "fmt:" + ",".join(f"%{tag}" for tag, _ in NFDUMP_FIELDS)
+
+# Options that would change what nfdump prints or reads, and so break parsing.
+FORBIDDEN_OPTIONS = {"-r", "-R", "-M", "-w", "-o", "-s", "-I", "-g", "-E", "-v", "-x",
+                     "-X", "-Z", "-h", "-V", "-q", "-N", "-6", "-j", "-z", "-y", "-J", "-l"}
+
+NO_FLOWS = b"No matching flows"
+
+TABLE_SCHEMA = pa.schema([
+    ("treceived", pa.string()), ("unix_tstamp", pa.int64()),
+    ("tryear", pa.int32()), ("trmonth", pa.int32()), ("trday", pa.int32()),
+    ("trhour", pa.int32()), ("trminute", pa.int32()), ("trsec", pa.int32()),
+    ("tdur", pa.float32()), ("sip", pa.string()), ("dip", pa.string()),
+    ("sport", pa.int32()), ("dport", pa.int32()), ("proto", pa.string()),
+    ("flag", pa.string()), ("fwd", pa.int32()), ("stos", pa.int32()),
+    ("ipkt", pa.int64()), ("ibyt", pa.int64()), ("opkt", pa.int64()), ("obyt", pa.int64()),
+    ("input", pa.int32()), ("output", pa.int32()), ("sas", pa.int32()), ("das", pa.int32()),
+    ("dtos", pa.int32()), ("dir", pa.int32()), ("rip", pa.string()),
+])
+HIVE_INT_PARTITIONS = pa.schema([("y", pa.int16()), ("m", pa.int8()), ("d", pa.int8()),
+                                 ("h", pa.int8())])
+
+_PROTOCOL_NAMES = pa.array(PROTOCOL_NAMES, pa.string())
+_UINT32_WRAP = 1 << 32
+
+
+def _trim(col: pa.Array) -> pa.Array:
+    return pc.utf8_trim_whitespace(col)
+
+
+def _icmp_aware_port(col: pa.Array) -> pa.Array:
+    """nfdump prints an ICMP flow's destination port as "type.code"; the
+    table (like nfdump's csv) holds type * 256 + code."""
+    col = _trim(col)
+    dotted = pc.match_substring(col, ".")
+    if not pc.any(dotted).as_py():
+        return pc.cast(col, pa.int32())
+    icmp_type = pc.cast(pc.replace_substring_regex(col, r"\..*$", ""), pa.int32())
+    icmp_code = pc.cast(pc.if_else(dotted, pc.replace_substring_regex(col, r"^[^.]*\.", ""), "0"),
+                        pa.int32())
+    return pc.if_else(dotted, pc.add(pc.multiply(icmp_type, 256), icmp_code), icmp_type)
+
+
+def _as_number(col: pa.Array) -> pa.Array:
+    """AS numbers are 32-bit unsigned, the table's INT is signed: numbers
+    above 2^31-1 (private 4-byte ASNs) are stored two's-complement, i.e.
+    reversibly, instead of being lost."""
+    wrapped = pc.if_else(pc.greater(col, 2**31 - 1), pc.subtract(col, _UINT32_WRAP), col)
+    return pc.cast(wrapped, pa.int32())
+
+
+def to_table_batch(raw: pa.RecordBatch) -> pa.RecordBatch:
+    """Map one batch of nfdump's fields to the flow table's columns."""
+    received = pc.utf8_slice_codeunits(_trim(raw["tr"]), 0, 19)
+    ts = pc.strptime(received, format="%Y-%m-%d %H:%M:%S", unit="s")
+    i32 = pa.int32()
+    columns = [
+        received,
+        pc.cast(ts, pa.int64()),
+        pc.cast(pc.year(ts), i32), pc.cast(pc.month(ts), i32), pc.cast(pc.day(ts), i32),
+        pc.cast(pc.hour(ts), i32), pc.cast(pc.minute(ts), i32), pc.cast(pc.second(ts), i32),
+        raw["td"],
+        _trim(raw["sa"]), _trim(raw["da"]),
+        raw["sp"], _icmp_aware_port(raw["dp"]),
+        pc.take(_PROTOCOL_NAMES, raw["pr"]),
+        _trim(raw["flg"]),
+        raw["fwd"], raw["stos"],
+        raw["ipkt"], raw["ibyt"], raw["opkt"], raw["obyt"],
+        raw["in"], raw["out"],
+        _as_number(raw["sas"]), _as_number(raw["das"]),
+        raw["dtos"],
+        pc.cast(pc.equal(_trim(raw["dir"]), "E"), i32),
+        _trim(raw["ra"]),
+        pc.cast(pc.year(ts), pa.int16()), pc.cast(pc.month(ts), pa.int8()),
+        pc.cast(pc.day(ts), pa.int8()), pc.cast(pc.hour(ts), pa.int8()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=FLOW.full_schema)
+
+
+class FlowPipeline(Pipeline):
+    type = "flow"
+    table = "flow"
+    schema = TABLE_SCHEMA
+    partition_schema = HIVE_INT_PARTITIONS
+    # nfcapd names finished files nfcapd.YYYYMMDDhhmm; it writes
+    # nfcapd.current.PID while collecting, which the master never takes.
+    default_supported_files = ("nfcapd.*",)
+    tools = ("nfdump",)
+
+    def parse_options(self, raw, error):
+        try:
+            extra = shlex.split(raw.get("process_opt", "") or "")
+        except ValueError as exc:
+            raise error("process_opt", f"cannot split into arguments: {exc}") from None
+        for arg in extra:
+            flag = arg[:2]
+            if flag in FORBIDDEN_OPTIONS:
+                raise error("process_opt", f"nfdump option {flag} is set by the flow pipeline "
+                            f"itself (it reads the file and chooses the output format); remove it")
+        return {"nfdump_args": tuple(extra)}
+
+    def nfdump_command(self, path: Path, cfg) -> list[str]:
+        extra = list(cfg.options["nfdump_args"]) if cfg and cfg.options else []
+        # User options (e.g. a filter expression) go last: nfdump takes its
+        # trailing non-option arguments as the filter.
+        return ["nfdump", "-q", "-N", "-6", "-r", str(path), "-o", NFDUMP_FORMAT, *extra]
+
+    def convert(self, path: Path, cfg=None, block_size: int = 4 << 20) -> Iterator[pa.RecordBatch]:
+        env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(self.nfdump_command(path, cfg), stdout=subprocess.PIPE,
+                                    stderr=stderr, stdin=subprocess.DEVNULL, env=env)
+            try:
+                yield from self._read(proc, block_size)
+                proc.stdout.close()
+                rc = proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            stderr.seek(0)
+            message = stderr.read().decode("utf-8", "replace").strip()
+        # nfdump 1.7 exits 0 even for a file it cannot read, but says why on
+        # stderr; a clean read prints nothing there.
+        if rc != 0 or message:
+            raise BadInputError(f"nfdump could not read {path}: {message or f'exit code {rc}'}")
+
+    def _read(self, proc, block_size) -> Iterator[pa.RecordBatch]:
+        stdout = io.BufferedReader(proc.stdout, buffer_size=1 << 20)
+        head = stdout.peek(len(NO_FLOWS))
+        if not head or head.startswith(NO_FLOWS):
+            stdout.read()
+            return
+        reader = pcsv.open_csv(
+            stdout,
+            read_options=pcsv.ReadOptions(column_names=[t for t, _ in NFDUMP_FIELDS],
+                                          block_size=block_size),
+            parse_options=pcsv.ParseOptions(delimiter=",", quote_char=False),
+            convert_options=pcsv.ConvertOptions(column_types=dict(NFDUMP_FIELDS)))
+        try:
+            for raw in reader:
+                if raw.num_rows:
+                    yield to_table_batch(raw)
+        except pa.ArrowInvalid as exc:
+            raise BadInputError(f"unexpected nfdump output: {exc}") from None
+        finally:
+            reader.close()
+
+    def make_sample(self, dest_dir: Path) -> list[Path]:
+        from .sample import make_nfcapd_file
+        stamp = time.strftime("%Y%m%d%H%M", time.gmtime())
+        return [make_nfcapd_file(Path(dest_dir) / f"nfcapd.{stamp}", 20_000, seed=7)]
+
+
+FLOW = PIPELINE = FlowPipeline()

@@ -1,0 +1,88 @@
+"""Command lines: ``spot-master``, ``spot-worker``, ``spot-standalone``
+(also ``master_collector.py``, ``worker.py`` and ``start_standalone_ingest.sh``
+at the top of the repository, with the original's options)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, default_config_path, load
+from .logs import setup_logging
+
+log = logging.getLogger("spot_ingest")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-t", "--type", required=True, metavar="PIPELINE",
+                        help="pipeline configuration name in ingest_conf.json, e.g. flow_internals")
+    parser.add_argument("-c", "--config", default=None, metavar="FILE",
+                        help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+
+
+def _load(args, check_paths: bool):
+    try:
+        cfg = load(args.config)
+        cfg.pipeline(args.type)
+        if check_paths:
+            cfg.check_collector_path(args.type)
+        return cfg
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+def master_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="master_collector.py", description=
+        "Watch the pipeline's collector directory, stage finished files and announce them.")
+    _common(parser)
+    parser.add_argument("-w", "--workers", type=int, required=True,
+                        help="number of workers (= topic partitions)")
+    parser.add_argument("--once", action="store_true",
+                        help="ingest what is in the collector directory now, then exit")
+    parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.workers < 1:
+        parser.error("-w/--workers must be at least 1")
+    cfg = _load(args, check_paths=True)
+    from . import master
+    return master.run(cfg, args.type, args.workers, once=args.once, run_id=args.run_id)
+
+
+def worker_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="worker.py", description=
+        "Load the files announced on one partition of the pipeline's topic into the warehouse.")
+    _common(parser)
+    parser.add_argument("-i", "--id", type=int, required=True,
+                        help="worker id, from 0; the worker reads partition ID")
+    parser.add_argument("--topic", default=None,
+                        help="topic to read (default: the pipeline's topic, SPOT-INGEST-<pipeline>)")
+    parser.add_argument("--run-id", default=None,
+                        help="exit after the master's end-of-run marker of this --once run")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.id < 0:
+        parser.error("-i/--id must be 0 or more")
+    cfg = _load(args, check_paths=False)
+    from . import worker
+    return worker.run(cfg, args.type, args.id, topic=args.topic, run_id=args.run_id)
+
+
+def standalone_main(argv=None) -> int:
+    from .standalone import main
+    return main(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"master": master_main, "worker": worker_main, "standalone": standalone_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m spot_ingest.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Master: watch a collector directory, stage finished files, announce them.
+
+    master_collector.py -t PIPELINE -w WORKERS [-c CONF] [--once]
+
+A file's journey here: found by the watcher -> split by the pipeline and
+copied into the store by a staging process -> announced on the topic, one
+record per piece, each acknowledged by the broker -> removed from the
+collector directory (or, with ``delete_collected: false``, recorded in a
+ledger). The file is forgotten only after that last step, and every step that
+fails is retried with backoff and logged; a master killed at any point
+repeats the unfinished steps after a restart, which the workers absorb
+because staging and output are both named after the content's checksum.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kafka.errors import KafkaError
+
+from . import pipeline as registry
+from .bus import Announcement, Announcer, BusError, ensure_topic
+from .config import IngestConfig, PipelineConfig
+from .logs import setup_logging
+from .store import LocalStore, StagedFile
+from .watcher import CollectorWatcher
+
+log = logging.getLogger("spot_ingest.master")
+
+MAX_BACKOFF = 60.0
+EXIT_OK, EXIT_ERROR, EXIT_FILES_FAILED = 0, 1, 3
+
+
+class MasterError(Exception):
+    pass
+
+
+class RejectedFile(Exception):
+    """The file itself is unusable (too large, empty, unsplittable): set it aside."""
+
+
+@dataclass
+class _Work:
+    path: Path
+    relative: str
+    collected_at: float
+    attempts: int = 0
+    retry_at: float = 0.0
+    future: Future | None = None
+    staged: list[StagedFile] = field(default_factory=list)
+    announced: int = 0
+
+
+def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
+               store_location: str) -> list[StagedFile]:
+    """Split (if the pipeline does) and copy into the store. Runs in a staging process."""
+    size = path.stat().st_size
+    if size == 0:
+        raise RejectedFile("empty file")
+    if pcfg.max_file_size and size > pcfg.max_file_size:
+        raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
+    plugin = registry.load(pcfg.type)
+    store = LocalStore(store_location)
+    pcfg.local_staging.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{pcfg.name}-split-", dir=pcfg.local_staging))
+    try:
+        pieces = plugin.split(path, workdir, pcfg)
+        staged = []
+        for i, piece in enumerate(pieces):
+            name = relative if len(pieces) == 1 else f"{relative}.{i:05d}"
+            staged.append(store.stage(piece, pcfg.type, name, collected_at))
+        return staged
+    except registry.BadInputError as exc:
+        raise RejectedFile(str(exc)) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _init_staging_process(level) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    setup_logging(level)
+
+
+class PipelineLock:
+    """One master per pipeline per host: a second one is refused, not raced."""
+
+    def __init__(self, pcfg: PipelineConfig):
+        pcfg.local_staging.mkdir(parents=True, exist_ok=True)
+        self.path = pcfg.local_staging / f"spot-ingest-{pcfg.name}.master.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise MasterError(f"another master is already running for pipeline {pcfg.name} "
+                              f"({holder or 'unknown process'}; lock {self.path})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class Ledger:
+    """Files already ingested, for ``delete_collected: false`` (keep the originals)."""
+
+    def __init__(self, pcfg: PipelineConfig):
+        self.path = pcfg.local_staging / f"spot-ingest-{pcfg.name}.ingested"
+        self.entries: set[str] = set()
+        if self.path.exists():
+            self.entries = set(self.path.read_text(encoding="utf-8", errors="surrogateescape")
+                               .splitlines())
+
+    @staticmethod
+    def key(path: Path) -> str:
+        st = path.stat()
+        return f"{os.fsencode(path).hex()} {st.st_size} {st.st_mtime_ns}"
+
+    def __contains__(self, path: Path) -> bool:
+        try:
+            return self.key(path) in self.entries
+        except FileNotFoundError:
+            return False
+
+    def add(self, path: Path) -> None:
+        key = self.key(path)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.add(key)
+
+
+class Master:
+    def __init__(self, cfg: IngestConfig, pipeline_name: str, workers: int, once: bool = False,
+                 run_id: str | None = None):
+        self.cfg = cfg
+        self.pcfg = cfg.pipeline(pipeline_name)
+        self.plugin = registry.load(self.pcfg.type)
+        self.workers = workers
+        self.once = once
+        self.run_id = run_id
+        self.host = socket.gethostname()
+        self.stopping = False
+        self.work: dict[str, _Work] = {}
+        self.counts = {"announced": 0, "rejected": 0, "pieces": 0}
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        if self.stopping:
+            os._exit(EXIT_ERROR)
+        log.info("stopping: files in progress stay in the collector directory and are "
+                 "taken again at the next start")
+        self.stopping = True
+
+    def run(self) -> int:
+        lock = PipelineLock(self.pcfg)
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> int:
+        if not self.pcfg.collector_path.is_dir():
+            raise MasterError(f"collector_path {self.pcfg.collector_path} of pipeline "
+                              f"{self.pcfg.name} does not exist")
+        partitions = ensure_topic(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers)
+        self.announcer = Announcer(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers,
+                                   self.pcfg.name, self.cfg.kafka.message_size)
+        self.ledger = None if self.pcfg.delete_collected else Ledger(self.pcfg)
+        self.watcher = CollectorWatcher(self.pcfg.collector_path, self.pcfg.supported_files,
+                                        self.pcfg.settle_seconds, watch=not self.once)
+        log.info("master of pipeline %s watching %s; announcing on topic %s (%d partitions, "
+                 "%d used); staging into %s with %d processes; %d file(s) found at start",
+                 self.pcfg.name, self.pcfg.collector_path, self.pcfg.topic, partitions,
+                 self.workers, self.cfg.hdfs_app_path, self.cfg.collector_processes,
+                 self.watcher.pending())
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.cfg.collector_processes,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_init_staging_process, initargs=(logging.getLogger().level,))
+        try:
+            while not self.stopping:
+                self._step()
+                if self.once and not self.watcher.pending() and not self.work:
+                    self._end_run()
+                    break
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.watcher.close()
+            self.announcer.close()
+        log.info("master done: %d file(s) announced as %d piece(s), %d rejected",
+                 self.counts["announced"], self.counts["pieces"], self.counts["rejected"])
+        return EXIT_FILES_FAILED if self.counts["rejected"] else EXIT_OK
+
+    def _end_run(self) -> None:
+        marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, self.run_id or "", self.host)
+        for partition in range(self.workers):
+            self._with_retry(lambda: self.announcer.announce(marker, partition),
+                             f"announce the end of run on partition {partition}")
+        log.info("announced the end of run %s on %d partition(s)", self.run_id, self.workers)
+
+    def _with_retry(self, action, what: str):
+        delay = 1.0
+        while True:
+            try:
+                return action()
+            except KafkaError as exc:
+                log.warning("could not %s (%s: %s); retrying in %.0f s", what,
+                            type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for path in self.watcher.ready():
+            key = str(path)
+            if key in self.work:
+                continue
+            if self.ledger is not None and path in self.ledger:
+                self.watcher.forget(key)
+                continue
+            try:
+                rel = str(path.resolve().relative_to(self.watcher.root))
+            except ValueError:  # a symlink inside the tree pointing elsewhere inside it
+                rel = path.name
+            self.work[key] = _Work(path, rel, path.stat().st_mtime)
+        in_progress = sum(1 for w in self.work.values() if w.future)
+        for key, item in self.work.items():
+            if item.future is None and not item.staged and item.retry_at <= now \
+                    and in_progress < self.cfg.collector_processes * 2:
+                item.future = self.pool.submit(stage_file, item.path, item.relative,
+                                               item.collected_at, self.pcfg, self.cfg.hdfs_app_path)
+                in_progress += 1
+        for key, item in list(self.work.items()):
+            if item.future is not None and item.future.done():
+                self._staged(key, item)
+            if item.staged and item.retry_at <= time.monotonic():
+                self._announce(key, item)
+        time.sleep(min(self.cfg.ingestion_interval, 0.2) if self.work else self.cfg.ingestion_interval)
+
+    def _staged(self, key: str, item: _Work) -> None:
+        fut, item.future = item.future, None
+        try:
+            item.staged = fut.result()
+        except RejectedFile as exc:
+            self._reject(key, item, str(exc))
+        except FileNotFoundError:
+            log.info("%s disappeared before it was staged", item.path)
+            self._forget(key)
+        except Exception as exc:
+            self._backoff(item, f"could not stage {item.path}", exc)
+
+    def _announce(self, key: str, item: _Work) -> None:
+        count = len(item.staged)
+        while item.announced < count:
+            piece = item.staged[item.announced]
+            record = Announcement(
+                pipeline=self.pcfg.name, pipeline_type=self.pcfg.type,
+                staged_path=piece.location, size=piece.size, sha256=piece.sha256,
+                original_name=item.relative if count == 1 else f"{item.relative} [{item.announced + 1}/{count}]",
+                collected_at=int(item.collected_at * 1000), collector_host=self.host,
+                chunk_index=item.announced, chunk_count=count,
+                source_sha256=None, run_id=self.run_id)
+            try:
+                partition, offset = self.announcer.announce(record)
+            except (KafkaError, BusError) as exc:
+                self._backoff(item, f"could not announce {item.relative}", exc)
+                return
+            log.debug("announced %s at partition %d offset %d", piece.location, partition, offset)
+            item.announced += 1
+        self.counts["announced"] += 1
+        self.counts["pieces"] += count
+        log.info("staged and announced %s (%d piece%s, %d bytes)", item.relative, count,
+                 "" if count == 1 else "s", sum(p.size for p in item.staged))
+        try:
+            if self.ledger is not None:
+                self.ledger.add(item.path)
+            else:
+                item.path.unlink()
+        except FileNotFoundError:
+            pass
+        self._forget(key)
+
+    def _backoff(self, item: _Work, what: str, exc: Exception) -> None:
+        item.attempts += 1
+        delay = min(MAX_BACKOFF, 2.0 ** item.attempts)
+        item.retry_at = time.monotonic() + delay
+        log.warning("%s (%s: %s); retry %d in %.0f s; the file stays in the collector directory",
+                    what, type(exc).__name__, exc, item.attempts, delay)
+
+    def _reject(self, key: str, item: _Work, reason: str) -> None:
+        dest_dir = self.pcfg.local_staging / "rejected" / self.pcfg.name
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / item.path.name
+        try:
+            shutil.move(item.path, dest)
+            (dest_dir / f"{item.path.name}.reason.txt").write_text(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+                f"collected as: {item.path}\n{reason}\n", encoding="utf-8")
+        except OSError as exc:
+            log.error("could not set %s aside: %s", item.path, exc)
+        log.error("rejected %s: %s; moved to %s", item.path, reason, dest)
+        self.counts["rejected"] += 1
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self.work.pop(key, None)
+        self.watcher.forget(key)
+
+
+def run(cfg: IngestConfig, pipeline_name: str, workers: int, once: bool = False,
+        run_id: str | None = None) -> int:
+    master = Master(cfg, pipeline_name, workers, once, run_id)
+    signal.signal(signal.SIGTERM, master.request_stop)
+    signal.signal(signal.SIGINT, master.request_stop)
+    try:
+        return master.run()
+    except (MasterError, BusError, registry.ToolMissingError) as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR

@@ -1,0 +1,104 @@
+"""The one interface through which a data source plugs into the engine.
+
+A data source lives in ``pipelines/<type>/__init__.py`` and exports
+``PIPELINE``, an instance of a ``Pipeline`` subclass. The engine calls it at
+two places and nowhere else:
+
+* on the master, ``split(path, workdir, cfg)`` turns one finished capture into
+  the pieces that are staged and announced (default: the file itself);
+* on a worker, ``convert(path, cfg)`` turns one staged piece into Arrow
+  record batches of the table's columns plus its partition columns.
+
+Contract of ``convert``:
+
+* It yields ``pyarrow.RecordBatch`` objects whose columns are exactly
+  ``schema`` followed by ``partition_schema``; batches may be any size, and
+  each must be produced without holding the whole file in memory.
+* It must be deterministic: the same input gives the same rows. The engine
+  names output after the input's checksum, so a second run replaces the first
+  (this is how "at least once" delivery becomes "effectively once" output).
+* It raises ``BadInputError`` when the input itself is at fault (the tool
+  cannot read it). The engine then quarantines the input with the message and
+  moves on. Any other exception is taken as a fault of the environment (disk
+  full, permissions, missing tool) and the work is retried without committing.
+* Rows yielded before an exception are discarded by the engine: nothing of a
+  failed conversion becomes visible.
+
+``split`` runs in the master's staging processes; the pieces it writes in
+``workdir`` are staged in order and removed by the engine afterwards.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+PIPELINES_PACKAGE = "pipelines"
+
+
+class BadInputError(Exception):
+    """The input file cannot be converted; it is quarantined with this message."""
+
+
+class ToolMissingError(Exception):
+    """An external program the pipeline needs is not installed."""
+
+
+class Pipeline:
+    type: str = ""
+    table: str = ""
+    schema: pa.Schema
+    partition_schema: pa.Schema
+    default_supported_files: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+
+    def parse_options(self, raw: dict, error: Callable[[str, str], Exception]) -> Any:
+        """Validate the keys particular to this type. ``error(key, problem)``
+        builds the exception to raise. Returns the typed options."""
+        return None
+
+    def check_tools(self) -> None:
+        missing = [t for t in self.tools if shutil.which(t) is None]
+        if missing:
+            raise ToolMissingError(
+                f"the {self.type} pipeline needs {', '.join(missing)} on PATH; "
+                f"install it (Debian: apt-get install {' '.join(sorted(set(self.packages(missing))))})")
+
+    def packages(self, tools) -> list[str]:
+        return list(tools)
+
+    def split(self, path: Path, workdir: Path, cfg) -> list[Path]:
+        return [path]
+
+    def convert(self, path: Path, cfg) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def make_sample(self, dest_dir: Path) -> list[Path]:
+        """Write a small sample capture made with the real tools (demo)."""
+        raise NotImplementedError(f"the {self.type} pipeline has no sample data")
+
+    @property
+    def full_schema(self) -> pa.Schema:
+        return pa.schema(list(self.schema) + list(self.partition_schema))
+
+
+def known_types() -> list[str]:
+    root = Path(importlib.import_module(PIPELINES_PACKAGE).__file__).parent
+    return sorted(p.name for p in root.iterdir()
+                  if (p / "__init__.py").is_file() and not p.name.startswith("_"))
+
+
+_loaded: dict[str, Pipeline] = {}
+
+
+def load(ptype: str) -> Pipeline:
+    if ptype not in _loaded:
+        module = importlib.import_module(f"{PIPELINES_PACKAGE}.{ptype}")
+        plugin = getattr(module, "PIPELINE", None)
+        if not isinstance(plugin, Pipeline):
+            raise TypeError(f"{module.__name__} does not export PIPELINE = <Pipeline instance>")
+        _loaded[ptype] = plugin
+    return _loaded[ptype]

@@ -1,0 +1,219 @@
+"""Run a whole pipeline on one machine: broker (if embedded), master, workers.
+
+    start_standalone_ingest.sh PIPELINE WORKERS [--once] [--demo] [-c FILE]
+
+Each process logs to its own file in the configured ``log_dir``. Ctrl-C or
+SIGTERM stops everything cleanly (workers finish the file they are on). A
+child that dies is reported with its exit code and log file, and restarted.
+With ``--once``: ingest what is in the collector directory, wait until the
+workers have loaded all of it, print where the rows landed, and exit 0
+(non-zero if any file failed). ``--demo`` first writes a sample capture made
+with the real tools into the collector directory.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import pipeline as registry
+from .broker import BrokerError, EmbeddedBroker, is_listening
+from .bus import BusError, ensure_topic
+from .config import ConfigError, IngestConfig, default_config_path, load
+from .logs import setup_logging
+from .store import local_root
+
+log = logging.getLogger("spot_ingest.standalone")
+
+RESTART_LIMIT = 5
+
+
+@dataclass
+class Child:
+    role: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "spot_ingest.cli", *self.args],
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _signal_children(children, sig) -> None:
+    for child in children:
+        if child.proc and child.proc.poll() is None:
+            try:
+                child.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _stop_children(children, timeout: float = 60) -> None:
+    _signal_children(children, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", child.role, timeout)
+            child.proc.kill()
+            child.proc.wait()
+
+
+def table_summary(cfg: IngestConfig, table: str) -> tuple[Path, dict[str, int]]:
+    """Rows per partition of a table, read from the Parquet footers."""
+    import pyarrow.parquet as pq
+    hive = local_root(cfg.hdfs_app_path) / table / "hive"
+    rows: dict[str, int] = {}
+    if hive.is_dir():
+        for f in sorted(hive.rglob("*.parquet")):
+            part = str(f.parent.relative_to(hive))
+            rows[part] = rows.get(part, 0) + pq.ParquetFile(f).metadata.num_rows
+    return hive, rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="start_standalone_ingest.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipeline", help="pipeline configuration name, e.g. flow_internals")
+    parser.add_argument("workers", type=int, help="number of workers")
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
+    parser.add_argument("--once", action="store_true",
+                        help="ingest what the collector directory holds now, wait for it to load, exit")
+    parser.add_argument("--demo", action="store_true",
+                        help="first write a sample capture (made with the real tools) into the "
+                             "collector directory; implies --once")
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.workers < 1:
+        parser.error("WORKERS must be at least 1")
+    once = args.once or args.demo
+
+    try:
+        cfg = load(args.config)
+        pcfg = cfg.pipeline(args.pipeline)
+        plugin = registry.load(pcfg.type)
+        plugin.check_tools()
+        if args.demo:
+            pcfg.collector_path.mkdir(parents=True, exist_ok=True)
+            log.info("demo: making a sample capture with the real tools in %s", pcfg.collector_path)
+            for path in plugin.make_sample(pcfg.collector_path):
+                log.info("demo: wrote %s (%d bytes)", path, path.stat().st_size)
+        cfg.check_collector_path(pcfg.name)
+    except (ConfigError, registry.ToolMissingError) as exc:
+        log.error("%s", exc)
+        return 2
+
+    conf = ["-c", str(cfg.path)]
+    level = ["--log-level", args.log_level] if args.log_level else []
+    broker = None
+    children: list[Child] = []
+    stop = {"requested": False}
+
+    def on_signal(signum, frame):
+        if stop["requested"]:
+            return
+        stop["requested"] = True
+        log.info("stopping (signal %d): asking master and workers to finish", signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    try:
+        if cfg.kafka.embedded_broker and not is_listening(cfg.kafka.server, cfg.kafka.port):
+            broker = EmbeddedBroker(cfg.kafka.server, cfg.kafka.port,
+                                    log_file=cfg.log_dir / "broker.log")
+            cfg.log_dir.mkdir(parents=True, exist_ok=True)
+            broker.start()
+        ensure_topic(cfg.kafka.bootstrap, pcfg.topic, args.workers)
+        run_id = uuid.uuid4().hex if once else None
+        extra = ["--run-id", run_id] if run_id else []
+        for i in range(args.workers):
+            children.append(Child(f"worker {i}", ["worker", "-t", pcfg.name, "-i", str(i), *conf,
+                                                  *extra, *level],
+                                  cfg.log_dir / f"{pcfg.name}-worker-{i}.log"))
+        master = Child("master", ["master", "-t", pcfg.name, "-w", str(args.workers), *conf,
+                                  *(["--once"] if once else []), *extra, *level],
+                       cfg.log_dir / f"{pcfg.name}-master.log")
+        children.append(master)
+        for child in children:
+            child.start()
+        log.info("started master and %d worker(s) for %s; logs in %s", args.workers, pcfg.name,
+                 cfg.log_dir)
+        failed = _supervise(children, once, stop)
+    except (BrokerError, BusError) as exc:
+        log.error("%s", exc)
+        failed = True
+    finally:
+        _stop_children(children)
+        if broker:
+            broker.stop()
+
+    if once:
+        hive, rows = table_summary(cfg, plugin.table)
+        total = sum(rows.values())
+        print(f"\n{plugin.table} table: {total} rows in {len(rows)} partition(s) under {hive}")
+        for part, n in rows.items():
+            print(f"  {part}: {n} rows")
+        codes = ", ".join(f"{c.role}: {c.exit_code}" for c in children)
+        print(f"exit codes: {codes}; logs in {cfg.log_dir}")
+    return 1 if failed else 0
+
+
+def _supervise(children: list[Child], once: bool, stop: dict) -> bool:
+    """Wait for the run to end; return True if anything failed."""
+    failed = False
+    while not stop["requested"]:
+        running = 0
+        for child in children:
+            code = child.proc.poll()
+            if code is None:
+                running += 1
+            elif child.exit_code is None:
+                failed |= _child_exited(child, code, once, stop)
+                running += child.proc.poll() is None  # restarted
+        if once and running == 0:
+            break
+        time.sleep(0.2)
+    return failed
+
+
+def _child_exited(child: Child, code: int, once: bool, stop: dict) -> bool:
+    """Handle one child's exit; return True if it counts as a failure."""
+    if once:
+        child.exit_code = code
+        if code == 0:
+            return False
+        if code == 3:
+            log.error("%s: some files failed and were set aside; see %s", child.role, child.log_path)
+            return True
+        log.error("%s exited with code %s; stopping the run; see %s", child.role, code,
+                  child.log_path)
+        stop["requested"] = True
+        return True
+    if code == 2 or child.restarts >= RESTART_LIMIT:
+        child.exit_code = code
+        log.error("%s exited with code %s; not restarting it; see %s", child.role, code,
+                  child.log_path)
+        return True
+    child.restarts += 1
+    log.error("%s died (exit code %s); restarting it (%d/%d); see %s", child.role, code,
+              child.restarts, RESTART_LIMIT, child.log_path)
+    child.start()
+    return False
