@@ -179,3 +179,30 @@ def test_topic_with_too_few_partitions(env, broker):
     else:
         assert result.returncode == 1
         assert f"topic {env.topic} has 2 partitions but 4 workers need one each" in result.stderr
+
+
+def test_standalone_restarts_a_dead_worker_and_stops_cleanly(env, nfcapd_files):
+    import psutil
+    import re
+    out = open(env.logs / "standalone.out", "wb")
+    run = subprocess.Popen([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2",
+                            "-c", str(env.config)], stdout=out, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    env.procs.append(run)
+    worker_log = f"{env.pipeline}-worker-0.log"
+    first = wait_for(lambda: re.search(r"\[(\d+)\] spot_ingest.worker: worker 0 .* reading",
+                                       env.log(worker_log)), 60, "worker 0 to start")
+    os.kill(int(first.group(1)), signal.SIGKILL)
+    wait_for(lambda: "worker 0 died (exit code -9); restarting it" in env.log("standalone.out"),
+             30, "the death to be reported")
+    wait_for(lambda: env.log(worker_log).count("spot_ingest.worker: worker 0 of pipeline") == 2,
+             60, "worker 0 to be restarted")
+    drop(env, nfcapd_files[0], nfcapd_files[0].name)
+    wait_for(lambda: env.row_count() == len(reference_rows(nfcapd_files[:1])), 90, "rows")
+
+    children = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=90) == 0
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {alive}"
+    assert "stopping (signal 15)" in env.log("standalone.out")
