@@ -71,8 +71,9 @@ def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineCon
         raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
     plugin = registry.load(pcfg.type)
     store = LocalStore(store_location)
-    pcfg.local_staging.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"{pcfg.name}-split-", dir=pcfg.local_staging))
+    scratch = plugin.scratch_dir(pcfg)
+    scratch.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{pcfg.name}-split-", dir=scratch))
     try:
         pieces = plugin.split(path, workdir, pcfg)
         staged = []

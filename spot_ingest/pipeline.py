@@ -25,7 +25,9 @@ Contract of ``convert``:
   failed conversion becomes visible.
 
 ``split`` runs in the master's staging processes; the pieces it writes in
-``workdir`` are staged in order and removed by the engine afterwards.
+``workdir`` (a fresh folder under ``scratch_dir(cfg)``) are staged in order,
+and the engine removes the folder afterwards. It raises ``BadInputError``
+for a file it cannot split; the master then sets the file aside.
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ class Pipeline:
 
     def packages(self, tools) -> list[str]:
         return list(tools)
+
+    def scratch_dir(self, cfg) -> Path:
+        """Where the master makes the ``workdir`` handed to ``split``."""
+        return cfg.local_staging
 
     def split(self, path: Path, workdir: Path, cfg) -> list[Path]:
         return [path]
