@@ -302,7 +302,7 @@ class Master:
                     what, type(exc).__name__, exc, item.attempts, delay)
 
     def _reject(self, key: str, item: _Work, reason: str) -> None:
-        dest_dir = self.pcfg.local_staging / "rejected" / self.pcfg.name
+        dest_dir = self.pcfg.local_staging / "quarantine" / self.pcfg.name
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / item.path.name
         try:

@@ -57,7 +57,8 @@ def broker():
 class Env:
     """One isolated ingest installation: config file, collector, store, logs."""
 
-    def __init__(self, root: Path, broker, pipeline: str = "flow_test", **pipeline_keys):
+    def __init__(self, root: Path, broker, pipeline: str = "flow_test", ptype: str = "flow",
+                 **pipeline_keys):
         self.root = root
         self.pipeline = pipeline
         self.collector = root / "collector"
@@ -68,10 +69,10 @@ class Env:
         self.logs.mkdir()
         self.topic = f"test-{uuid.uuid4().hex[:12]}"
         self.config = root / "ingest_conf.json"
-        pipe = {"type": "flow", "collector_path": str(self.collector),
-                "local_staging": str(self.staging), "supported_files": ["nfcapd.*"],
-                "process_opt": "", "topic": self.topic, "settle_seconds": 0.5,
-                "worker_processes": 2}
+        self.ptype = ptype
+        pipe = {"type": ptype, "collector_path": str(self.collector),
+                "local_staging": str(self.staging), "process_opt": "", "topic": self.topic,
+                "settle_seconds": 0.5, "worker_processes": 2}
         pipe.update(pipeline_keys)
         self.data = {
             "dbname": "spot", "hdfs_app_path": str(self.warehouse), "collector_processes": 2,
@@ -85,7 +86,7 @@ class Env:
 
     @property
     def hive(self) -> Path:
-        return self.warehouse / "flow" / "hive"
+        return self.warehouse / self.ptype / "hive"
 
     def spawn(self, role: str, *args: str, log_name: str | None = None) -> subprocess.Popen:
         log_path = self.logs / (log_name or f"{role}-{len(self.procs)}.log")
@@ -131,7 +132,7 @@ class Env:
                 pass
 
     def table(self):
-        """The flow table as a pyarrow Table (partition columns included)."""
+        """The table as a pyarrow Table (partition columns included)."""
         if not self.hive.exists():
             return None
         return ds.dataset(self.hive, format="parquet", partitioning="hive").to_table()

@@ -1,0 +1,175 @@
+"""DNS pipeline: captures made by tcpdump of dnsmasq answering real queries on
+loopback, decoded by real editcap and tshark, compared with tshark's own
+reading of the same files (its -T json output, parsed by Python's json)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import REPO, wait_for
+from pipelines.dns import DNS, TABLE_SCHEMA
+from pipelines.dns.sample import make_dns_capture
+from spot_ingest.config import PipelineConfig
+from spot_ingest.pipeline import BadInputError
+
+
+def tshark_reference(paths) -> list[tuple]:
+    """Responses per tshark -T json: (time, epoch s, len, dst, src, name, class, type, rcode, answers)."""
+    rows = []
+    for path in paths:
+        out = subprocess.run(
+            ["tshark", "-n", "-r", str(path), "-Y", "dns.flags.response == 1", "-T", "json",
+             "-e", "frame.time", "-e", "frame.time_epoch", "-e", "frame.len", "-e", "ip.src",
+             "-e", "ip.dst", "-e", "ipv6.src", "-e", "ipv6.dst", "-e", "dns.qry.name",
+             "-e", "dns.qry.class", "-e", "dns.qry.type", "-e", "dns.flags.rcode", "-e", "dns.a"],
+            capture_output=True, env={**os.environ, "TZ": "UTC"}).stdout
+        for pkt in json.loads(out or b"[]"):
+            f = pkt["_source"]["layers"]
+            first = lambda k: f.get(k, [None])[0]   # noqa: E731
+            rows.append((
+                first("frame.time"), int(float(first("frame.time_epoch"))), int(first("frame.len")),
+                first("ip.dst") or first("ipv6.dst"), first("ip.src") or first("ipv6.src"),
+                first("dns.qry.name"), first("dns.qry.class"),
+                int(first("dns.qry.type")) if first("dns.qry.type") else None,
+                int(first("dns.flags.rcode")) if first("dns.flags.rcode") else None,
+                ",".join(f["dns.a"]) if "dns.a" in f else None))
+    return sorted(rows, key=repr)
+
+
+def rows_of(table: pa.Table) -> list[tuple]:
+    return sorted((tuple(r[c] for c in TABLE_SCHEMA.names) for r in table.to_pylist()), key=repr)
+
+
+def convert(path, cfg=None) -> pa.Table:
+    return pa.Table.from_batches(list(DNS.convert(Path(path), cfg)), DNS.full_schema)
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory) -> Path:
+    path, answers = make_dns_capture(tmp_path_factory.mktemp("dns") / "lo.pcap", 400, seed=3)
+    assert answers == 400
+    return path
+
+
+def test_rows_match_tsharks_own_reading(capture):
+    table = convert(capture)
+    assert table.num_rows == 400
+    assert rows_of(table) == tshark_reference([capture])
+
+
+def test_separators_quotes_answers_and_ipv6_survive(capture):
+    rows = convert(capture).to_pylist()
+    names = {r["dns_qry_name"] for r in rows}
+    assert 'quote"and,comma.wild.test' in names and "sp ace.wild.test" in names
+    assert "semi;colon$(x).wild.test" in names
+    assert all(", 2026 " in r["frame_time"] and r["frame_time"].endswith(" UTC") for r in rows)
+    multi = [r for r in rows if r["dns_qry_name"] == "multi.example.test"]
+    assert multi and all(sorted(r["dns_a"].split(",")) == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+                         for r in multi)
+    v6 = [r for r in rows if r["ip_src"] == "::1"]
+    assert v6 and all(r["ip_dst"] == "::1" for r in v6)
+    assert {r["dns_qry_rcode"] for r in rows} == {0, 3, 5}   # answered, NXDOMAIN, REFUSED
+    assert all(r["dns_qry_class"] == "0x0001" for r in rows)
+
+
+def test_partitions_follow_each_packets_own_hour(capture, tmp_path):
+    # editcap shifts a copy by an hour and mergecap joins them: a capture spanning two hours.
+    later = tmp_path / "later.pcap"
+    subprocess.run(["editcap", "-t", "3600", str(capture), str(later)], check=True)
+    both = tmp_path / "both.pcapng"
+    subprocess.run(["mergecap", "-w", str(both), str(capture), str(later)], check=True)
+    rows = convert(both).to_pylist()
+    assert len(rows) == 800
+    hours = {(r["y"], r["m"], r["d"], r["h"]) for r in rows}
+    assert len(hours) == 2
+    import datetime
+    for r in rows:
+        t = datetime.datetime.fromtimestamp(r["unix_tstamp"], datetime.timezone.utc)
+        assert (r["y"], r["m"], r["d"], r["h"]) == (t.year, t.month, t.day, t.hour)
+
+
+def test_split_into_chunks_loses_and_doubles_nothing(capture, tmp_path):
+    cfg = dns_config(tmp_path, pkt_num=150)
+    work = tmp_path / "work"
+    work.mkdir()
+    chunks = DNS.split(capture, work, cfg)
+    assert len(chunks) == 6  # 800 packets (queries and answers) in chunks of 150
+    rows = [r for c in chunks for r in rows_of(convert(c))]
+    assert sorted(rows, key=repr) == tshark_reference([capture])
+
+
+def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, caplog):
+    data = capture.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) * 2 // 3 + 7])
+    table = convert(cut)
+    assert 0 < table.num_rows < 400
+    assert rows_of(table) == tshark_reference([cut])
+    assert "truncated" in caplog.text and "cut.pcap" in caplog.text
+
+
+def test_text_file_named_pcap_is_bad_input(tmp_path):
+    fake = tmp_path / "notes.pcap"
+    fake.write_text("these are not packets\n" * 20)
+    with pytest.raises(BadInputError, match="notes.pcap"):
+        DNS.split(fake, tmp_path, dns_config(tmp_path))
+
+
+def test_malformed_dns_packets_do_not_stop_the_decoder(tmp_path):
+    rnd = tmp_path / "random.pcap"
+    subprocess.run(["randpkt", "-t", "dns", "-c", "500", str(rnd)], check=True)
+    table = convert(rnd)
+    assert rows_of(table) == tshark_reference([rnd])
+
+
+def test_original_process_opt_still_works_and_bad_options_are_named():
+    original = ("-E separator=, -E header=y -E occurrence=f -T fields -e frame.time "
+                "-e frame.time_epoch -e frame.len -e ip.src -e ip.dst -e dns.resp.name "
+                "-e dns.resp.type -e dns.resp.class -e dns.flags.rcode -e dns.a "
+                "'dns.flags.response == 1'")
+    opts = DNS.parse_options({"process_opt": original}, lambda k, p: ValueError(f"{k}: {p}"))
+    assert opts["filters"] == () and opts["tshark_args"] == ()
+    opts = DNS.parse_options({"process_opt": "-d udp.port==5353,dns dns.qry.type == 1"},
+                             lambda k, p: ValueError(f"{k}: {p}"))
+    assert opts["tshark_args"] == ("-d", "udp.port==5353,dns")
+    with pytest.raises(ValueError, match=r"process_opt: tshark option -w is not allowed"):
+        DNS.parse_options({"process_opt": "-w out.pcap"}, lambda k, p: ValueError(f"{k}: {p}"))
+
+
+def dns_config(tmp_path, pkt_num=650000, process_opt="") -> PipelineConfig:
+    raw = {"pkt_num": pkt_num, "process_opt": process_opt}
+    return PipelineConfig("dns_test", "dns", tmp_path, tmp_path, process_opt, (".pcap",), "t", 1,
+                          1.0, None, True, DNS.parse_options(raw, lambda k, p: ValueError(p)))
+
+
+def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
+    env = make_env("dns", pipeline="dns_test", ptype="dns", pkt_num=100,
+                   supported_files=[".pcap"], worker_processes=1)
+    shutil.copyfile(capture, env.collector / "a.pcap")
+    # A second, different capture: the same traffic a day later (editcap -t).
+    later = tmp_path / "b.pcap"
+    subprocess.run(["editcap", "-t", "86400", str(capture), str(later)], check=True)
+    shutil.copyfile(later, env.collector / "b.pcap")
+    rnd = tmp_path / "random.pcap"
+    subprocess.run(["randpkt", "-t", "dns", "-c", "300", str(rnd)], check=True)
+    shutil.copyfile(rnd, env.collector / "random.pcap")
+    (env.collector / "fake.pcap").write_text("not a capture\n")
+    result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
+                             "-c", str(env.config)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, "a file was set aside, so the run reports failure"
+    expected = sorted(tshark_reference([capture, later]) + tshark_reference([rnd]), key=repr)
+    table = env.table()
+    assert rows_of(table) == expected
+    logs = [env.log(f"{env.pipeline}-worker-{i}.log") for i in (0, 1)]
+    assert all(log.count("loaded ") >= 2 for log in logs), "both workers decoded chunks"
+    master_log = env.log(f"{env.pipeline}-master.log")
+    assert "a.pcap (8 pieces" in master_log and "b.pcap (8 pieces" in master_log
+    assert "fake.pcap" in master_log and "editcap could not read" in master_log
+    quarantined = list((env.staging / "quarantine" / env.pipeline).glob("fake.pcap*"))
+    assert len(quarantined) == 2   # the file and its .reason.txt
