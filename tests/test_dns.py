@@ -68,6 +68,8 @@ def test_separators_quotes_answers_and_ipv6_survive(capture):
     names = {r["dns_qry_name"] for r in rows}
     assert 'quote"and,comma.wild.test' in names and "sp ace.wild.test" in names
     assert "semi;colon$(x).wild.test" in names
+    # Control characters and invalid UTF-8 arrive as tshark escapes them.
+    assert "ctl\\001a\\002b\\nc.wild.test" in names and "bad\ufffdutf8.wild.test" in names
     assert all(", 2026 " in r["frame_time"] and r["frame_time"].endswith(" UTC") for r in rows)
     multi = [r for r in rows if r["dns_qry_name"] == "multi.example.test"]
     assert multi and all(sorted(r["dns_a"].split(",")) == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]

@@ -3,11 +3,13 @@
 Master: ``editcap -c pkt_num`` splits each capture into chunks, each staged and
 announced on its own, so the workers decode one big capture in parallel.
 
-Worker: ``tshark -T ek`` decodes a chunk. That output is one JSON object per
-packet, every field a list of strings: a ``frame.time`` with a comma in it,
-several answers, or a query name with quotes, commas or tabs all arrive
-intact, which no separator-based ``-T fields`` layout can promise. Arrow's
-JSON reader parses it in C++ while tshark is still writing.
+Worker: ``tshark -T fields`` decodes a chunk, with two control characters as
+separators: U+0001 between fields and U+0002 between the values of one
+field. tshark escapes every control character inside a value (a name with a
+tab prints as ``\\t``, a byte 0x01 as ``\\001``), so neither can occur in a
+value: the commas of ``frame.time``, several answers, and names with quotes,
+commas or tabs all parse without ambiguity (tests/test_dns.py proves it on
+such names). Arrow's CSV reader parses it while tshark is still writing.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pjson
+import pyarrow.csv as pcsv
 
 from spot_ingest.pipeline import BadInputError, Pipeline
 
@@ -32,8 +34,8 @@ RESPONSES_ONLY = "dns.flags.response == 1"
 TSHARK_FIELDS = ("frame.time", "frame.time_epoch", "frame.len", "ip.src", "ip.dst", "ipv6.src",
                  "ipv6.dst", "dns.qry.name", "dns.qry.class", "dns.qry.type", "dns.flags.rcode",
                  "dns.a")
-_EK_SCHEMA = pa.schema([("layers", pa.struct(
-    [(f.replace(".", "_"), pa.list_(pa.string())) for f in TSHARK_FIELDS]))])
+FIELD_SEPARATOR, VALUE_SEPARATOR = "\x01", "\x02"
+_COLUMNS = [f.replace(".", "_") for f in TSHARK_FIELDS]
 
 TABLE_SCHEMA = pa.schema([
     ("frame_time", pa.string()), ("unix_tstamp", pa.int64()), ("frame_len", pa.int32()),
@@ -54,26 +56,33 @@ SUPERSEDED_FLAGS = {"-n", "-2", "-l", "-q", "-Q"}
 CUT_SHORT = "cut short in the middle of a packet"
 
 
-def _first(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return pc.list_element(col, 0)
+def _first(col: pa.Array) -> pa.Array:
+    """The first of a field's values (a field can repeat, e.g. the addresses
+    inside an ICMP error); nulls for absent fields."""
+    if not pc.any(pc.match_substring(col, VALUE_SEPARATOR)).as_py():
+        return col
+    return pc.replace_substring_regex(col, VALUE_SEPARATOR + ".*$", "")
 
 
-def to_table_batch(layers: pa.StructArray) -> pa.RecordBatch:
-    field = {name: layers.field(name) for name in _EK_SCHEMA.field("layers").type.names}
-    epoch = pc.cast(pc.floor(pc.cast(_first(field["frame_time_epoch"]), pa.float64())), pa.int64())
+def _int(col: pa.Array) -> pa.Array:
+    return pc.cast(_first(col), pa.int32())
+
+
+def to_table_batch(raw: pa.RecordBatch) -> pa.RecordBatch:
+    f = {name: raw.column(name) for name in _COLUMNS}
+    epoch = pc.cast(pc.floor(pc.cast(_first(f["frame_time_epoch"]), pa.float64())), pa.int64())
     ts = pc.cast(epoch, pa.timestamp("s"))
-    i32 = pa.int32()
     columns = [
-        _first(field["frame_time"]),
+        _first(f["frame_time"]),
         epoch,
-        pc.cast(_first(field["frame_len"]), i32),
-        pc.coalesce(_first(field["ip_dst"]), _first(field["ipv6_dst"])),
-        pc.coalesce(_first(field["ip_src"]), _first(field["ipv6_src"])),
-        _first(field["dns_qry_name"]),
-        _first(field["dns_qry_class"]),
-        pc.cast(_first(field["dns_qry_type"]), i32),
-        pc.cast(_first(field["dns_flags_rcode"]), i32),
-        pc.binary_join(field["dns_a"], ","),
+        _int(f["frame_len"]),
+        pc.coalesce(_first(f["ip_dst"]), _first(f["ipv6_dst"])),
+        pc.coalesce(_first(f["ip_src"]), _first(f["ipv6_src"])),
+        _first(f["dns_qry_name"]),
+        _first(f["dns_qry_class"]),
+        _int(f["dns_qry_type"]),
+        _int(f["dns_flags_rcode"]),
+        pc.replace_substring(f["dns_a"], VALUE_SEPARATOR, ","),
         pc.cast(pc.year(ts), pa.int16()), pc.cast(pc.month(ts), pa.int8()),
         pc.cast(pc.day(ts), pa.int8()), pc.cast(pc.hour(ts), pa.int8()),
     ]
@@ -157,7 +166,9 @@ class DnsPipeline(Pipeline):
         display = RESPONSES_ONLY
         for extra in opts["filters"]:
             display = f"({display}) && ({extra})"
-        cmd = ["tshark", "-n", "-r", str(path), "-Y", display, "-T", "ek", *opts["tshark_args"]]
+        cmd = ["tshark", "-n", "-r", str(path), "-Y", display, "-T", "fields",
+               "-E", f"separator={FIELD_SEPARATOR}", "-E", f"aggregator={VALUE_SEPARATOR}",
+               "-E", "occurrence=a", "-E", "quote=n", *opts["tshark_args"]]
         for f in TSHARK_FIELDS:
             cmd += ["-e", f]
         return cmd
@@ -184,19 +195,20 @@ class DnsPipeline(Pipeline):
             raise BadInputError(f"tshark could not read {path}: {message or f'exit code {rc}'}")
 
     def _read(self, stdout) -> Iterator[pa.RecordBatch]:
-        head = stdout.peek(1) if hasattr(stdout, "peek") else b"x"
-        if not head:
+        if not stdout.peek(1):
             return
-        reader = pjson.open_json(stdout, read_options=pjson.ReadOptions(block_size=4 << 20),
-                                 parse_options=pjson.ParseOptions(explicit_schema=_EK_SCHEMA,
-                                                                  unexpected_field_behavior="ignore"))
+        reader = pcsv.open_csv(
+            stdout,
+            read_options=pcsv.ReadOptions(column_names=_COLUMNS, block_size=4 << 20),
+            parse_options=pcsv.ParseOptions(delimiter=FIELD_SEPARATOR, quote_char=False,
+                                            double_quote=False, escape_char=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in _COLUMNS}, strings_can_be_null=True,
+                null_values=[""]))
         try:
             for raw in reader:
-                layers = raw.column(0)
-                # -T ek puts an {"index": ...} line before each packet: no layers there.
-                packets = layers.filter(pc.is_valid(layers))
-                if len(packets):
-                    yield to_table_batch(packets)
+                if raw.num_rows:
+                    yield to_table_batch(raw)
         except pa.ArrowInvalid as exc:
             raise BadInputError(f"unexpected tshark output: {exc}") from None
         finally:

@@ -59,7 +59,8 @@ def standard_queries(count: int, seed: int = 1) -> list[Query]:
     """A mix: answered, multi-answer, IPv6 answers, NXDOMAIN, REFUSED, odd names, IPv6 transport."""
     rnd = random.Random(seed)
     odd = [b'quote"and,comma.wild.test', b"tab\there.wild.test", b"sp ace.wild.test",
-           b"semi;colon$(x).wild.test", b"back\\slash.wild.test"]
+           b"semi;colon$(x).wild.test", b"back\\slash.wild.test", b"ctl\x01a\x02b\nc.wild.test",
+           b"bad\xffutf8.wild.test"]
     out = []
     for i in range(count):
         kind = i % 10
