@@ -157,6 +157,7 @@ class Master:
         self.stopping = False
         self.work: dict[str, _Work] = {}
         self.counts = {"announced": 0, "rejected": 0, "pieces": 0}
+        self.last_waiting_note = time.monotonic()
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
@@ -249,6 +250,11 @@ class Master:
                 self._staged(key, item)
             if item.staged and item.retry_at <= time.monotonic():
                 self._announce(key, item)
+        waiting = self.watcher.pending() - len(self.work)
+        if waiting > 0 and time.monotonic() - self.last_waiting_note > 60:
+            # Say why nothing happens: files still growing or held open by a writer.
+            log.info("waiting for %d file(s) still being written", waiting)
+            self.last_waiting_note = time.monotonic()
         time.sleep(min(self.cfg.ingestion_interval, 0.2) if self.work else self.cfg.ingestion_interval)
 
     def _staged(self, key: str, item: _Work) -> None:
