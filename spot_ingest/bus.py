@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, asdict, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import fastavro

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import REPO
 from pipelines.dns import DNS, TABLE_SCHEMA
 from pipelines.dns.sample import make_dns_capture
 from spot_ingest.config import PipelineConfig

@@ -14,10 +14,8 @@ such names). Arrow's CSV reader parses it while tshark is still writing.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from spot_ingest.pipeline import BadInputError, Pipeline
+from spot_ingest.tools import ToolRun, stream_csv
 
 log = logging.getLogger(__name__)
 
@@ -174,45 +173,23 @@ class DnsPipeline(Pipeline):
         return cmd
 
     def convert(self, path: Path, cfg=None) -> Iterator[pa.RecordBatch]:
-        env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
-        with tempfile.TemporaryFile() as stderr:
-            proc = subprocess.Popen(self.tshark_command(path, cfg), stdout=subprocess.PIPE,
-                                    stderr=stderr, stdin=subprocess.DEVNULL, env=env)
-            try:
-                yield from self._read(proc.stdout)
-                proc.stdout.close()
-                rc = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            stderr.seek(0)
-            message = "\n".join(line for line in stderr.read().decode("utf-8", "replace").splitlines()
-                                if line.strip() and not line.startswith("Running as user"))
+        with ToolRun(self.tshark_command(path, cfg), {"TZ": "UTC"}) as run:
+            if run.stdout.peek(1):
+                yield from stream_csv(
+                    run.stdout, "tshark",
+                    pcsv.ReadOptions(column_names=_COLUMNS, block_size=4 << 20),
+                    pcsv.ParseOptions(delimiter=FIELD_SEPARATOR, quote_char=False,
+                                      double_quote=False, escape_char=False),
+                    pcsv.ConvertOptions(column_types={c: pa.string() for c in _COLUMNS},
+                                        strings_can_be_null=True, null_values=[""]),
+                    to_table_batch)
+        message = "\n".join(line for line in run.stderr.splitlines()
+                            if line.strip() and not line.startswith("Running as user"))
         if CUT_SHORT in message:
             log.warning("%s is truncated: the packets before the cut are kept (%s)", path, message)
-        elif rc != 0:
-            raise BadInputError(f"tshark could not read {path}: {message or f'exit code {rc}'}")
-
-    def _read(self, stdout) -> Iterator[pa.RecordBatch]:
-        if not stdout.peek(1):
-            return
-        reader = pcsv.open_csv(
-            stdout,
-            read_options=pcsv.ReadOptions(column_names=_COLUMNS, block_size=4 << 20),
-            parse_options=pcsv.ParseOptions(delimiter=FIELD_SEPARATOR, quote_char=False,
-                                            double_quote=False, escape_char=False),
-            convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in _COLUMNS}, strings_can_be_null=True,
-                null_values=[""]))
-        try:
-            for raw in reader:
-                if raw.num_rows:
-                    yield to_table_batch(raw)
-        except pa.ArrowInvalid as exc:
-            raise BadInputError(f"unexpected tshark output: {exc}") from None
-        finally:
-            reader.close()
+        elif run.returncode != 0:
+            raise BadInputError(f"tshark could not read {path}: "
+                                f"{message or f'exit code {run.returncode}'}")
 
     def make_sample(self, dest_dir: Path) -> list[Path]:
         from .sample import make_dns_capture

@@ -9,11 +9,7 @@ than the original's ``-o csv`` export (benchmarks/bench_flow.py).
 """
 from __future__ import annotations
 
-import io
-import os
 import shlex
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from spot_ingest.pipeline import BadInputError, Pipeline
+from spot_ingest.tools import ToolRun, stream_csv
 
 from .protocols import PROTOCOL_NAMES
 
@@ -143,45 +140,21 @@ class FlowPipeline(Pipeline):
         return ["nfdump", "-q", "-N", "-6", "-r", str(path), "-o", NFDUMP_FORMAT, *extra]
 
     def convert(self, path: Path, cfg=None, block_size: int = 4 << 20) -> Iterator[pa.RecordBatch]:
-        env = {**os.environ, "TZ": "UTC", "LC_ALL": "C"}
-        with tempfile.TemporaryFile() as stderr:
-            proc = subprocess.Popen(self.nfdump_command(path, cfg), stdout=subprocess.PIPE,
-                                    stderr=stderr, stdin=subprocess.DEVNULL, env=env)
-            try:
-                yield from self._read(proc, block_size)
-                proc.stdout.close()
-                rc = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            stderr.seek(0)
-            message = stderr.read().decode("utf-8", "replace").strip()
+        with ToolRun(self.nfdump_command(path, cfg), {"TZ": "UTC"}) as run:
+            head = run.stdout.peek(len(NO_FLOWS))
+            if head and not head.startswith(NO_FLOWS):
+                yield from stream_csv(
+                    run.stdout, "nfdump",
+                    pcsv.ReadOptions(column_names=[t for t, _ in NFDUMP_FIELDS], block_size=block_size),
+                    pcsv.ParseOptions(delimiter=",", quote_char=False),
+                    pcsv.ConvertOptions(column_types=dict(NFDUMP_FIELDS)), to_table_batch)
+            else:
+                run.stdout.read()
         # nfdump 1.7 exits 0 even for a file it cannot read, but says why on
         # stderr; a clean read prints nothing there.
-        if rc != 0 or message:
-            raise BadInputError(f"nfdump could not read {path}: {message or f'exit code {rc}'}")
-
-    def _read(self, proc, block_size) -> Iterator[pa.RecordBatch]:
-        stdout = io.BufferedReader(proc.stdout, buffer_size=1 << 20)
-        head = stdout.peek(len(NO_FLOWS))
-        if not head or head.startswith(NO_FLOWS):
-            stdout.read()
-            return
-        reader = pcsv.open_csv(
-            stdout,
-            read_options=pcsv.ReadOptions(column_names=[t for t, _ in NFDUMP_FIELDS],
-                                          block_size=block_size),
-            parse_options=pcsv.ParseOptions(delimiter=",", quote_char=False),
-            convert_options=pcsv.ConvertOptions(column_types=dict(NFDUMP_FIELDS)))
-        try:
-            for raw in reader:
-                if raw.num_rows:
-                    yield to_table_batch(raw)
-        except pa.ArrowInvalid as exc:
-            raise BadInputError(f"unexpected nfdump output: {exc}") from None
-        finally:
-            reader.close()
+        if run.returncode != 0 or run.stderr:
+            raise BadInputError(f"nfdump could not read {path}: "
+                                f"{run.stderr or f'exit code {run.returncode}'}")
 
     def make_sample(self, dest_dir: Path) -> list[Path]:
         from .sample import make_nfcapd_file
