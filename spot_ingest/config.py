@@ -238,10 +238,15 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
             options=plugin.parse_options(section.data, lambda key, problem, s=section: s.error(key, problem)),
         )
     log_dir = _resolve(base_dir, top.get("log_dir", "str", "logs"))
+    app_path = top.get("hdfs_app_path", "str")
+    if "://" in app_path and not app_path.startswith("file://"):
+        raise top.error("hdfs_app_path", f"'{app_path}': only local paths, shared mounts and "
+                        f"file:// URIs are supported in this version (mount HDFS through its "
+                        f"NFS gateway, or give the mount point)")
     cfg = IngestConfig(
         path=path,
         dbname=top.get("dbname", "str"),
-        hdfs_app_path=_resolve_location(base_dir, top.get("hdfs_app_path", "str")),
+        hdfs_app_path=_resolve_location(base_dir, app_path),
         collector_processes=top.get("collector_processes", "pos_int", 2),
         ingestion_interval=top.get("ingestion_interval", "pos_num", 1.0),
         spark_streaming=top.get("spark-streaming", "dict", {}),

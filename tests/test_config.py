@@ -114,6 +114,12 @@ def test_collector_path_that_does_not_exist(tmp_path):
                  str(tmp_path / "nope"))
 
 
+def test_store_scheme_not_supported_yet(tmp_path):
+    data = original_file(tmp_path)
+    data["hdfs_app_path"] = "hdfs://namenode:8020/user/spot"
+    expect_error(tmp_path, data, "hdfs_app_path", "only local paths")
+
+
 def test_invalid_json(tmp_path):
     expect_error(tmp_path, '{"dbname": "x",\n  "kafka": }', "not valid JSON", "line 2")
 
