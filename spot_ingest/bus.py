@@ -152,6 +152,13 @@ class Announcer:
         self.balancer.sent(partition)
         return meta.partition, meta.offset
 
+    def send_raw(self, value: bytes, headers: list[tuple[str, bytes]], partition: int,
+                 timeout: float = 30) -> tuple[int, int]:
+        """A record that is not an announcement (the proxy pipeline's lines)."""
+        meta = self.producer.send(self.topic, value, partition=partition,
+                                  headers=headers).get(timeout)
+        return meta.partition, meta.offset
+
     def close(self) -> None:
         self.producer.close(timeout=10)
         self.balancer.close()

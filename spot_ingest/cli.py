@@ -1,4 +1,4 @@
-"""Command lines: ``spot-master``, ``spot-worker``, ``spot-standalone``
+"""Command lines: ``spot-master``, ``spot-worker``, ``spot-stream``, ``spot-standalone``
 (also ``master_collector.py``, ``worker.py`` and ``start_standalone_ingest.sh``
 at the top of the repository, with the original's options)."""
 from __future__ import annotations
@@ -70,6 +70,34 @@ def worker_main(argv=None) -> int:
     return worker.run(cfg, args.type, args.id, topic=args.topic, run_id=args.run_id)
 
 
+def stream_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="spot-stream", description=
+        "Run the streaming job that loads a streaming pipeline's topic (proxy) into its table.")
+    _common(parser)
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="topic partitions (default: as the topic has, created with 1 if missing)")
+    parser.add_argument("--run-id", default=None,
+                        help="stop after the master's end-of-run marker of this --once run")
+    parser.add_argument("--new-broker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    cfg = _load(args, check_paths=False)
+    from . import pipeline as registry
+    from .bus import BusError, ensure_topic
+    pcfg = cfg.pipeline(args.type)
+    plugin = registry.load(pcfg.type)
+    if plugin.consumer != "streaming":
+        log.error("pipeline %s (type %s) is loaded by workers (worker.py), not by a streaming job",
+                  pcfg.name, pcfg.type)
+        return 2
+    try:
+        partitions = ensure_topic(cfg.kafka.bootstrap, pcfg.topic, args.partitions or 1)
+    except BusError as exc:
+        log.error("%s", exc)
+        return 1
+    return plugin.run_stream(cfg, pcfg, partitions, args.run_id, fresh_topic=args.new_broker)
+
+
 def standalone_main(argv=None) -> int:
     from .standalone import main
     return main(argv)
@@ -77,7 +105,8 @@ def standalone_main(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"master": master_main, "worker": worker_main, "standalone": standalone_main}
+    commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
+                "standalone": standalone_main}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m spot_ingest.cli {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2

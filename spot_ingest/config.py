@@ -249,7 +249,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         hdfs_app_path=_resolve_location(base_dir, app_path),
         collector_processes=top.get("collector_processes", "pos_int", 2),
         ingestion_interval=top.get("ingestion_interval", "pos_num", 1.0),
-        spark_streaming=top.get("spark-streaming", "dict", {}),
+        spark_streaming=_spark_options(top),
         kafka=kafka_cfg,
         pipelines=parsed,
         unusable_pipelines=unusable,
@@ -270,3 +270,13 @@ def _resolve_location(base_dir: Path, value: str) -> str:
     if "://" in value:
         return value
     return str(_resolve(base_dir, value))
+
+
+def _spark_options(top: _Reader) -> dict:
+    """The original's spark-streaming keys; empty values mean Spark's default."""
+    section = top.section("spark-streaming", required=False)
+    for key, kind in (("spark_exec", "pos_int"), ("spark_executor_cores", "pos_int"),
+                      ("spark_batch_size", "pos_num")):
+        if section.data.get(key) not in (None, ""):
+            section.get(key, kind)   # raises with file, key and value if wrong
+    return dict(section.data)

@@ -59,6 +59,7 @@ class _Work:
     future: Future | None = None
     staged: list[StagedFile] = field(default_factory=list)
     announced: int = 0
+    published: tuple[int, int] | None = None
 
 
 def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
@@ -85,6 +86,54 @@ def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineCon
         raise RejectedFile(str(exc)) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+_producer = None
+
+
+def publish_file(path: Path, relative: str, pcfg: PipelineConfig, bootstrap: str,
+                 partitions: int, max_bytes: int) -> tuple[int, int]:
+    """delivery == "records": publish the file's messages, each acknowledged
+    before the next (so each is a batch of its own on the broker). Runs in a
+    staging process. Returns (messages, items set aside)."""
+    global _producer
+    size = path.stat().st_size
+    if size == 0:
+        raise RejectedFile("empty file")
+    if pcfg.max_file_size and size > pcfg.max_file_size:
+        raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
+    if _producer is None:
+        from kafka import KafkaProducer
+        _producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
+                                  max_request_size=max(max_bytes, 1_000_000),
+                                  client_id=f"spot-master-{pcfg.name}")
+    plugin = registry.load(pcfg.type)
+    messages = set_aside = 0
+    for item in plugin.records(path, relative, max_bytes):
+        if hasattr(item, "value"):
+            _producer.send(pcfg.topic, item.value, partition=messages % partitions,
+                           headers=item.headers).get(60)
+            messages += 1
+        else:
+            set_aside += 1
+            where = quarantine_local(pcfg, f"{Path(relative).name}.line{item.line_no}",
+                                     item.data, item.reason)
+            log.error("%s (%s)", item.reason, where)
+    return messages, set_aside
+
+
+def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason: str) -> Path:
+    """Set input aside on the collector host, with a note saying why."""
+    dest_dir = pcfg.local_staging / "quarantine" / pcfg.name
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / name
+    if isinstance(data, Path):
+        shutil.move(data, dest)
+    else:
+        dest.write_bytes(data)
+    (dest_dir / f"{name}.reason.txt").write_text(
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{reason}\n", encoding="utf-8")
+    return dest
 
 
 def _init_staging_process(level) -> None:
@@ -208,9 +257,13 @@ class Master:
 
     def _end_run(self) -> None:
         marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, self.run_id or "", self.host)
+        raw = [("spot.kind", b"END_OF_RUN"), ("spot.run", (self.run_id or "").encode())]
         for partition in range(self.workers):
-            self._with_retry(lambda: self.announcer.announce(marker, partition),
-                             f"announce the end of run on partition {partition}")
+            if self.plugin.delivery == "records":
+                send = lambda p=partition: self.announcer.send_raw(b"", raw, p)  # noqa: E731
+            else:
+                send = lambda p=partition: self.announcer.announce(marker, p)  # noqa: E731
+            self._with_retry(send, f"announce the end of run on partition {partition}")
         log.info("announced the end of run %s on %d partition(s)", self.run_id, self.workers)
 
     def _with_retry(self, action, what: str):
@@ -242,8 +295,14 @@ class Master:
         for key, item in self.work.items():
             if item.future is None and not item.staged and item.retry_at <= now \
                     and in_progress < self.cfg.collector_processes * 2:
-                item.future = self.pool.submit(stage_file, item.path, item.relative,
-                                               item.collected_at, self.pcfg, self.cfg.hdfs_app_path)
+                if self.plugin.delivery == "records":
+                    item.future = self.pool.submit(publish_file, item.path, item.relative,
+                                                   self.pcfg, self.cfg.kafka.bootstrap,
+                                                   self.workers, self.cfg.kafka.message_size)
+                else:
+                    item.future = self.pool.submit(stage_file, item.path, item.relative,
+                                                   item.collected_at, self.pcfg,
+                                                   self.cfg.hdfs_app_path)
                 in_progress += 1
         for key, item in list(self.work.items()):
             if item.future is not None and item.future.done():
@@ -260,6 +319,14 @@ class Master:
     def _staged(self, key: str, item: _Work) -> None:
         fut, item.future = item.future, None
         try:
+            if self.plugin.delivery == "records":
+                messages, set_aside = fut.result()
+                self.counts["announced"] += 1
+                self.counts["pieces"] += messages
+                log.info("published %s as %d message(s)%s", item.relative, messages,
+                         f"; {set_aside} line(s) set aside" if set_aside else "")
+                self._done(key, item)
+                return
             item.staged = fut.result()
         except RejectedFile as exc:
             self._reject(key, item, str(exc))
@@ -291,6 +358,10 @@ class Master:
         self.counts["pieces"] += count
         log.info("staged and announced %s (%d piece%s, %d bytes)", item.relative, count,
                  "" if count == 1 else "s", sum(p.size for p in item.staged))
+        self._done(key, item)
+
+    def _done(self, key: str, item: _Work) -> None:
+        """The store and the broker hold the file: the collector may let it go."""
         try:
             if self.ledger is not None:
                 self.ledger.add(item.path)
@@ -308,14 +379,10 @@ class Master:
                     what, type(exc).__name__, exc, item.attempts, delay)
 
     def _reject(self, key: str, item: _Work, reason: str) -> None:
-        dest_dir = self.pcfg.local_staging / "quarantine" / self.pcfg.name
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / item.path.name
+        dest = None
         try:
-            shutil.move(item.path, dest)
-            (dest_dir / f"{item.path.name}.reason.txt").write_text(
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
-                f"collected as: {item.path}\n{reason}\n", encoding="utf-8")
+            dest = quarantine_local(self.pcfg, item.path.name, item.path,
+                                    f"collected as: {item.path}\n{reason}")
         except OSError as exc:
             log.error("could not set %s aside: %s", item.path, exc)
         log.error("rejected %s: %s; moved to %s", item.path, reason, dest)

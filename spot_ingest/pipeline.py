@@ -24,6 +24,12 @@ Contract of ``convert``:
 * Rows yielded before an exception are discarded by the engine: nothing of a
   failed conversion becomes visible.
 
+A pipeline whose data is a stream of lines rather than capture files (proxy)
+sets ``delivery = "records"``: the master then publishes what ``records()``
+yields (messages, each a Kafka record) instead of staging the file, and
+``consumer = "streaming"`` says a streaming job (``run_stream``), not
+workers, loads the topic.
+
 ``split`` runs in the master's staging processes; the pieces it writes in
 ``workdir`` (a fresh folder under ``scratch_dir(cfg)``) are staged in order,
 and the engine removes the folder afterwards. It raises ``BadInputError``
@@ -56,6 +62,8 @@ class Pipeline:
     partition_schema: pa.Schema
     default_supported_files: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
+    delivery = "files"        # or "records"
+    consumer = "workers"      # or "streaming"
 
     def parse_options(self, raw: dict, error: Callable[[str, str], Exception]) -> Any:
         """Validate the keys particular to this type. ``error(key, problem)``
@@ -80,6 +88,19 @@ class Pipeline:
         return [path]
 
     def convert(self, path: Path, cfg) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def records(self, path: Path, relative: str, max_bytes: int):
+        """delivery == "records": yield messages (``value``, ``headers``) of at
+        most ``max_bytes``, or items with ``line_no``/``data``/``reason`` for
+        input that must be set aside. Deterministic for the same file."""
+        raise NotImplementedError
+
+    def run_stream(self, cfg, pcfg, partitions: int, run_id: str | None,
+                   fresh_topic: bool = False) -> int:
+        """consumer == "streaming": run the job that loads the topic; exit code.
+        ``fresh_topic``: the topic was just created on an empty broker, so
+        offsets remembered from an earlier broker mean nothing."""
         raise NotImplementedError
 
     def make_sample(self, dest_dir: Path) -> list[Path]:

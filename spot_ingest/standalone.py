@@ -143,18 +143,25 @@ def main(argv=None) -> int:
         ensure_topic(cfg.kafka.bootstrap, pcfg.topic, args.workers)
         run_id = uuid.uuid4().hex if once else None
         extra = ["--run-id", run_id] if run_id else []
-        for i in range(args.workers):
-            children.append(Child(f"worker {i}", ["worker", "-t", pcfg.name, "-i", str(i), *conf,
-                                                  *extra, *level],
-                                  cfg.log_dir / f"{pcfg.name}-worker-{i}.log"))
+        if plugin.consumer == "streaming":
+            # One streaming job reads every partition; WORKERS sets how many.
+            fresh = ["--new-broker"] if broker else []
+            children.append(Child("streaming job", ["stream", "-t", pcfg.name, "--partitions",
+                                                    str(args.workers), *conf, *extra, *fresh, *level],
+                                  cfg.log_dir / f"{pcfg.name}-stream.log"))
+        else:
+            for i in range(args.workers):
+                children.append(Child(f"worker {i}", ["worker", "-t", pcfg.name, "-i", str(i),
+                                                      *conf, *extra, *level],
+                                      cfg.log_dir / f"{pcfg.name}-worker-{i}.log"))
         master = Child("master", ["master", "-t", pcfg.name, "-w", str(args.workers), *conf,
                                   *(["--once"] if once else []), *extra, *level],
                        cfg.log_dir / f"{pcfg.name}-master.log")
         children.append(master)
         for child in children:
             child.start()
-        log.info("started master and %d worker(s) for %s; logs in %s", args.workers, pcfg.name,
-                 cfg.log_dir)
+        log.info("started master and %s for %s; logs in %s", ", ".join(c.role for c in children[:-1]),
+                 pcfg.name, cfg.log_dir)
         failed = _supervise(children, once, stop)
     except (BrokerError, BusError) as exc:
         log.error("%s", exc)

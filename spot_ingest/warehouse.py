@@ -39,9 +39,9 @@ class _Partition:
 
 class TableWriter:
     def __init__(self, table_root: Path, name: str, schema: pa.Schema, partition_schema: pa.Schema,
-                 tmp_prefix: str):
+                 tmp_prefix: str, data_dir: str = "hive"):
         self.table_root = Path(table_root)
-        self.hive_root = self.table_root / "hive"
+        self.hive_root = self.table_root / data_dir
         self.tmp_dir = self.table_root / "_tmp"
         self.name = name
         self.schema = schema

@@ -1,0 +1,274 @@
+"""The proxy Structured Streaming job: topic -> parse (Spark column functions) -> table.
+
+    python -m spot_ingest.cli stream -t proxy_1 [-c CONF]          (local Spark)
+    spark-submit pipelines/proxy/job.py -t proxy_1 [-c CONF]       (YARN, standalone, k8s)
+
+Exactly once: Spark keeps the source offsets in the checkpoint
+(``<hdfs_app_path>/proxy/_checkpoints/<pipeline>``) and re-runs an
+unfinished micro-batch after a restart; the sink writes each message's rows
+to files named after the message id, written aside and renamed, so a re-run
+replaces what the killed run may have written. Rejected lines go, with their
+reason, to ``<hdfs_app_path>/proxy/rejects/`` under the same rule.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger("spot_ingest.proxy_job")
+REPO = Path(__file__).resolve().parent.parent.parent
+
+# A token: a double-quoted value (may hold spaces) or a run of non-spaces.
+TOKEN = r'"[^"]*"|[^ ]+'
+
+
+def parse(batch):
+    """Kafka records (one message = many lines) -> one row per line, with a
+    ``reject`` reason where the line cannot be parsed. Column functions only."""
+    from pyspark.sql import functions as F
+
+    from . import COLUMNS, INT_COLUMNS
+
+    msgs = batch.where(F.col("headers")["spot.kind"] == "LINES").select(
+        F.col("headers")["spot.id"].alias("msg_id"),
+        F.col("headers")["spot.source"].alias("source"),
+        F.col("headers")["spot.first_line"].cast("long").alias("first_line"),
+        F.split(F.col("headers")["spot.fields"], " ").alias("fields"),
+        F.posexplode(F.split(F.col("value").cast("string"), "\n")).alias("pos", "line"))
+    raw = F.regexp_extract_all(F.col("line"), F.lit(TOKEN), 0)
+    tokens = F.transform(raw, lambda t: F.regexp_replace(t, r'^"(.*)"$', "$1"))
+    quotes = F.length("line") - F.length(F.regexp_replace("line", '"', ""))
+    lines = msgs.select("msg_id", "source", "fields", "line",
+                        (F.col("first_line") + F.col("pos")).alias("line_no"),
+                        tokens.alias("tokens"), quotes.alias("quotes"))
+
+    def field(name):
+        idx = F.array_position(F.col("fields"), F.lit(name)).cast("int")
+        value = F.when(idx > 0, F.element_at(F.col("tokens"), F.greatest(idx, F.lit(1))))
+        return F.when(value == "-", F.lit("")).otherwise(value)   # "-" means empty
+
+    values = {col: field(name) for col, name in COLUMNS if name}
+    moment = F.try_to_timestamp(F.concat_ws(" ", values["p_date"], values["p_time"]),
+                                F.lit("yyyy-MM-dd HH:mm:ss"))
+    reject = (F.when(~F.is_valid_utf8("line"), F.lit("invalid UTF-8"))
+              .when(F.col("quotes") % 2 == 1, F.lit("unbalanced quotes"))
+              .when(F.size("tokens") != F.size("fields"),
+                    F.concat(F.lit("expected "), F.size("fields").cast("string"),
+                             F.lit(" fields, found "), F.size("tokens").cast("string")))
+              .when(moment.isNull() | (F.length(values["p_date"]) != 10)
+                    | (F.length(values["p_time"]) != 8), F.lit("bad date or time")))
+    out = []
+    for col, name in COLUMNS:
+        if name is None:     # fulluri = host + path + query
+            out.append(F.concat_ws("", values["host"], values["uripath"], values["uriquery"])
+                       .alias(col))
+        elif col in INT_COLUMNS:
+            out.append(F.expr(f"try_cast(`{col}_raw` AS INT)").alias(col))
+        else:
+            out.append(values[col].alias(col))
+    staged = lines.select("*", *[values[c].alias(f"{c}_raw") for c in INT_COLUMNS],
+                          reject.alias("reject"))
+    return staged.select(
+        "msg_id", "source", "line_no", "reject",
+        F.make_valid_utf8("line").alias("line"),
+        *out,
+        F.substring(values["p_date"], 1, 4).alias("y"), F.substring(values["p_date"], 6, 2).alias("m"),
+        F.substring(values["p_date"], 9, 2).alias("d"), F.substring(values["p_time"], 1, 2).alias("h"))
+
+
+def _writer(table_root: str, rejects_root: str, prefix: str):
+    """The per-message writer run by ``applyInArrow`` on the executors."""
+    def write(table):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from pipelines.proxy import PROXY, REJECTS_SCHEMA
+        from spot_ingest.warehouse import TableWriter
+
+        msg_id = table.column("msg_id")[0].as_py()
+        bad = pc.is_valid(table.column("reject"))
+        good, rejected = table.filter(pc.invert(bad)), table.filter(bad)
+        tag = f"{prefix}-{os.getpid()}"
+        if good.num_rows:
+            w = TableWriter(Path(table_root), f"part-{msg_id}", PROXY.schema, PROXY.partition_schema, tag)
+            for batch in good.select(PROXY.full_schema.names).cast(PROXY.full_schema).to_batches():
+                w.write(batch)
+            w.commit()
+        if rejected.num_rows:
+            w = TableWriter(Path(rejects_root), f"rejects-{msg_id}", REJECTS_SCHEMA, pa.schema([]),
+                            tag, data_dir=".")
+            rj = rejected.select(["source", "line_no", "reject", "line"]).rename_columns(
+                REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+            for batch in rj.to_batches():
+                w.write(batch)
+            w.commit()
+        return pa.table({"msg_id": [msg_id], "rows": [good.num_rows],
+                         "rejects": [rejected.num_rows]})
+    return write
+
+
+def _code_zip() -> str:
+    """The engine and pipelines as a zip for executors on other hosts."""
+    target = Path(tempfile.gettempdir()) / f"spot-ingest-code-{os.getpid()}.zip"
+    with zipfile.ZipFile(target, "w") as z:
+        for package in ("spot_ingest", "pipelines"):
+            for f in (REPO / package).rglob("*"):
+                if f.suffix in (".py", ".avsc"):
+                    z.write(f, f.relative_to(REPO))
+    return str(target)
+
+
+def spark_session(cfg, pcfg, partitions: int):
+    from pyspark.sql import SparkSession
+
+    opts = cfg.spark_streaming
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    builder = (SparkSession.builder.appName(f"spot-ingest-{pcfg.name}")
+               .config("spark.sql.shuffle.partitions", str(max(2, partitions)))
+               .config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.session.timeZone", "UTC"))
+    master = opts.get("master") or ""
+    if master:
+        builder = builder.master(master)
+    elif "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # Not under spark-submit (which brings its own --master): run locally.
+        master = f"local[{os.cpu_count() or 2}]"
+        builder = builder.master(master)
+    settings = {"driver_memory": "spark.driver.memory", "spark_exec": "spark.executor.instances",
+                "spark_executor_memory": "spark.executor.memory",
+                "spark_executor_cores": "spark.executor.cores"}
+    for key, prop in settings.items():
+        if master.startswith("local") and prop.startswith("spark.executor"):
+            continue   # in local mode the driver is the executor
+        if str(opts.get(key, "")).strip():
+            builder = builder.config(prop, str(opts[key]))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.addPyFile(_code_zip())
+    return spark
+
+
+def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool = False) -> int:
+    from pyspark.sql import functions as F
+
+    from spot_ingest.bus import group_id
+    from spot_ingest.spark_kafka import KafkaSource
+    from spot_ingest.store import local_root
+
+    trigger = float(cfg.spark_streaming.get("spark_batch_size") or 5)
+    root = local_root(cfg.hdfs_app_path) / "proxy"
+    checkpoint = root / "_checkpoints" / pcfg.name
+    if fresh_topic and checkpoint.exists():
+        # The embedded broker starts empty: offsets of the last one are void.
+        log.info("new embedded broker: removing the checkpoint of the previous one (%s)", checkpoint)
+        shutil.rmtree(checkpoint)
+    spark = spark_session(cfg, pcfg, partitions)
+    spark.dataSource.register(KafkaSource)
+    stream = (spark.readStream.format("spot_kafka").option("bootstrap", cfg.kafka.bootstrap)
+              .option("topic", pcfg.topic).option("group", group_id(pcfg.name)).load())
+    writer = _writer(str(root), str(root / "rejects"), f"{pcfg.name}-spark")
+    totals = {"rows": 0, "rejects": 0, "batches": 0, "markers": set()}
+
+    def sink(batch, batch_id):
+        try:
+            _sink(batch, batch_id)
+        except Exception as exc:
+            # Spark stops the query; say why in one line before its stack trace.
+            log.error("batch %d failed (%s: %s); the query stops and, restarted, redoes "
+                      "the batch", batch_id, type(exc).__name__, str(exc).splitlines()[0][:500])
+            totals["failed"] = True
+            raise
+
+    def _sink(batch, batch_id):
+        started = time.monotonic()
+        batch = batch.persist()
+        try:
+            markers = []
+            if run_id:
+                markers = [r.partition for r in batch.where(
+                    (F.col("headers")["spot.kind"] == "END_OF_RUN")
+                    & (F.col("headers")["spot.run"] == run_id)).select("partition").collect()]
+            parsed = parse(batch)
+            summary = parsed.groupBy("msg_id").applyInArrow(
+                writer, "msg_id string, rows long, rejects long").agg(
+                F.sum("rows").alias("rows"), F.sum("rejects").alias("rejects"),
+                F.count("msg_id").alias("messages")).collect()[0]
+        finally:
+            batch.unpersist()
+        rows, rejects, messages = (summary["rows"] or 0), (summary["rejects"] or 0), summary["messages"]
+        totals["rows"] += rows
+        totals["rejects"] += rejects
+        totals["batches"] += 1
+        totals["markers"].update(markers)   # only once this batch's rows are in place
+        log.info("batch %d: %d message(s), %d rows, %d rejected line(s) in %.1f s; totals: %d rows, "
+                 "%d rejects", batch_id, messages, rows, rejects, time.monotonic() - started,
+                 totals["rows"], totals["rejects"])
+
+    query = (stream.writeStream.foreachBatch(sink).queryName(f"spot-ingest-{pcfg.name}")
+             .option("checkpointLocation", str(checkpoint))
+             .trigger(processingTime=f"{trigger:g} seconds").start())
+    log.info("streaming %s (%d partitions) into %s every %g s; checkpoint %s", pcfg.topic,
+             partitions, root / "hive", trigger, checkpoint)
+    stopping = {"now": False}
+
+    import signal
+
+    def on_signal(signum, frame):
+        log.info("stopping the streaming query (signal %d)", signum)
+        stopping["now"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    last_progress = None
+    try:
+        while query.isActive and not stopping["now"]:
+            query.awaitTermination(0.5)
+            progress = query.lastProgress
+            if progress and progress.get("batchId") != last_progress:
+                last_progress = progress.get("batchId")
+                lag = _lag(progress)
+                log.info("progress: batch %s, %s input rows, %.0f rows/s%s", progress.get("batchId"),
+                         progress.get("numInputRows"), progress.get("processedRowsPerSecond") or 0,
+                         f", lag {lag} message(s)" if lag is not None else "")
+            if run_id and len(totals["markers"]) >= partitions:
+                log.info("end of run %s reached on all %d partition(s)", run_id, partitions)
+                break
+        if query.exception():
+            log.error("streaming query failed: %s", query.exception())
+            return 1
+        if totals.get("failed"):
+            return 1
+    finally:
+        query.stop()
+        spark.stop()
+    log.info("proxy job done: %d rows, %d rejected lines in %d batches", totals["rows"],
+             totals["rejects"], totals["batches"])
+    return 0
+
+
+def _lag(progress) -> int | None:
+    try:
+        source = progress["sources"][0]
+        latest, end = source.get("latestOffset"), source.get("endOffset")
+        import json
+        latest = json.loads(latest) if isinstance(latest, str) else latest
+        end = json.loads(end) if isinstance(end, str) else end
+        return sum(int(v) for v in latest.values()) - sum(int(v) for v in end.values())
+    except Exception:
+        return None
+
+
+def main(argv=None) -> int:
+    """Entry point for spark-submit."""
+    sys.path.insert(0, str(REPO))
+    from spot_ingest.cli import stream_main
+    return stream_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
