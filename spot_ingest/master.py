@@ -205,7 +205,7 @@ class Master:
         self.host = socket.gethostname()
         self.stopping = False
         self.work: dict[str, _Work] = {}
-        self.counts = {"announced": 0, "rejected": 0, "pieces": 0}
+        self.counts = {"announced": 0, "rejected": 0, "pieces": 0, "set_aside": 0}
         self.last_waiting_note = time.monotonic()
 
     def request_stop(self, signum=None, frame=None) -> None:
@@ -253,7 +253,7 @@ class Master:
             self.announcer.close()
         log.info("master done: %d file(s) announced as %d piece(s), %d rejected",
                  self.counts["announced"], self.counts["pieces"], self.counts["rejected"])
-        return EXIT_FILES_FAILED if self.counts["rejected"] else EXIT_OK
+        return EXIT_FILES_FAILED if self.counts["rejected"] or self.counts["set_aside"] else EXIT_OK
 
     def _end_run(self) -> None:
         marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, self.run_id or "", self.host)
@@ -323,6 +323,7 @@ class Master:
                 messages, set_aside = fut.result()
                 self.counts["announced"] += 1
                 self.counts["pieces"] += messages
+                self.counts["set_aside"] += set_aside
                 log.info("published %s as %d message(s)%s", item.relative, messages,
                          f"; {set_aside} line(s) set aside" if set_aside else "")
                 self._done(key, item)

@@ -71,6 +71,14 @@ class SetAside:
     reason: str
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def message_id(sha256: str, index: int) -> str:
     return f"{sha256[:24]}-{index:06d}"
 
@@ -99,10 +107,19 @@ class ProxyPipeline(Pipeline):
             nonlocal lines, size, index
             if not lines:
                 return None
-            msg = Message(b"\n".join(lines), [
+            value = b"\n".join(lines)
+            headers = [
                 ("spot.kind", b"LINES"), ("spot.id", message_id(sha, index).encode()),
                 ("spot.source", relative.encode("utf-8", "surrogateescape")),
-                ("spot.first_line", str(first).encode()), ("spot.fields", fields.encode())])
+                ("spot.first_line", str(first).encode()), ("spot.fields", fields.encode())]
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                # Spark turns bad bytes into U+FFFD when it reads the text, so the
+                # lines to reject are named here, where the bytes are still raw.
+                bad = [str(i) for i, line in enumerate(lines) if not _is_utf8(line)]
+                headers.append(("spot.invalid_utf8", ",".join(bad).encode()))
+            msg = Message(value, headers)
             lines, size = [], 0
             index += 1
             return msg

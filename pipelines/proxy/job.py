@@ -40,23 +40,25 @@ def parse(batch):
         F.col("headers")["spot.source"].alias("source"),
         F.col("headers")["spot.first_line"].cast("long").alias("first_line"),
         F.split(F.col("headers")["spot.fields"], " ").alias("fields"),
+        F.split(F.coalesce(F.col("headers")["spot.invalid_utf8"], F.lit("")), ",").alias("bad_utf8"),
         F.posexplode(F.split(F.col("value").cast("string"), "\n")).alias("pos", "line"))
     raw = F.regexp_extract_all(F.col("line"), F.lit(TOKEN), 0)
     tokens = F.transform(raw, lambda t: F.regexp_replace(t, r'^"(.*)"$', "$1"))
     quotes = F.length("line") - F.length(F.regexp_replace("line", '"', ""))
     lines = msgs.select("msg_id", "source", "fields", "line",
                         (F.col("first_line") + F.col("pos")).alias("line_no"),
+                        F.array_contains("bad_utf8", F.col("pos").cast("string")).alias("bad_utf8"),
                         tokens.alias("tokens"), quotes.alias("quotes"))
 
     def field(name):
         idx = F.array_position(F.col("fields"), F.lit(name)).cast("int")
-        value = F.when(idx > 0, F.element_at(F.col("tokens"), F.greatest(idx, F.lit(1))))
+        value = F.when(idx > 0, F.try_element_at(F.col("tokens"), F.greatest(idx, F.lit(1))))
         return F.when(value == "-", F.lit("")).otherwise(value)   # "-" means empty
 
     values = {col: field(name) for col, name in COLUMNS if name}
     moment = F.try_to_timestamp(F.concat_ws(" ", values["p_date"], values["p_time"]),
                                 F.lit("yyyy-MM-dd HH:mm:ss"))
-    reject = (F.when(~F.is_valid_utf8("line"), F.lit("invalid UTF-8"))
+    reject = (F.when(F.col("bad_utf8") | ~F.is_valid_utf8("line"), F.lit("invalid UTF-8"))
               .when(F.col("quotes") % 2 == 1, F.lit("unbalanced quotes"))
               .when(F.size("tokens") != F.size("fields"),
                     F.concat(F.lit("expected "), F.size("fields").cast("string"),
@@ -248,7 +250,8 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
         spark.stop()
     log.info("proxy job done: %d rows, %d rejected lines in %d batches", totals["rows"],
              totals["rejects"], totals["batches"])
-    return 0
+    # A --once run reports rejected lines the way workers report quarantined files.
+    return 3 if run_id and totals["rejects"] else 0
 
 
 def _lag(progress) -> int | None:

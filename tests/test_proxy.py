@@ -1,0 +1,183 @@
+"""Proxy pipeline: Blue Coat logs -> master -> Kafka -> Spark Structured Streaming -> table.
+
+No ProxySG appliance runs here, so the log lines are written by
+pipelines/proxy/sample.py in the appliance's ELFF format (the one input in
+this suite not made by a real tool). Broker, master and Spark are real. The
+expected rows come from an independent reading of the same lines with
+Python's csv module.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from conftest import REPO, wait_for
+from pipelines.proxy import COLUMNS, INT_COLUMNS, ORIGINAL_FIELDS, PROXY, Message, SetAside
+from pipelines.proxy.sample import LAYOUTS, header, log_lines
+
+PARTITIONING = ds.partitioning(pa.schema([(p, pa.string()) for p in "ymdh"]), flavor="hive")
+BAD_LINES = {
+    "unbalanced quotes": '2026-11-21 08:00:00 5 10.0.0.1 "unclosed agent',
+    "bad date or time": None,   # built from a good line below
+    "invalid UTF-8": None,
+    "wrong field count": "2026-11-21 08:00:01 too few fields",
+}
+
+
+def expected_rows(lines: list[str], fields: str) -> list[dict]:
+    names = fields.split()
+    rows = []
+    for line in lines:
+        tokens = next(csv.reader([line], delimiter=" ", quotechar='"', skipinitialspace=True))
+        by_name = dict(zip(names, tokens))
+        row = {}
+        for col, name in COLUMNS:
+            if name is None:
+                continue
+            v = by_name.get(name)
+            v = "" if v == "-" else v
+            row[col] = (int(v) if v not in (None, "") else None) if col in INT_COLUMNS else v
+        row["fulluri"] = "".join(row[c] or "" for c in ("host", "uripath", "uriquery"))
+        rows.append(row)
+    return rows
+
+
+def table_rows(hive: Path) -> list[dict]:
+    t = ds.dataset(hive, format="parquet", partitioning=PARTITIONING).to_table()
+    return t.to_pylist()
+
+
+def key(row: dict) -> tuple:
+    return tuple(str(row[c]) for c, _ in COLUMNS)
+
+
+# -- the master's side: messages -------------------------------------------
+
+def test_messages_never_split_a_line_and_carry_their_header(tmp_path):
+    path = tmp_path / "a.log"
+    first = list(log_lines(300, LAYOUTS["main27"], seed=1))
+    second = list(log_lines(200, LAYOUTS["extras"], seed=2))
+    long_line = "2026-11-21 08:00:00 " + "x" * 5000
+    with open(path, "w") as f:
+        f.write("\n".join(header(LAYOUTS["main27"]) + first + [long_line] +
+                          header(LAYOUTS["extras"]) + second) + "\n")
+    items = list(PROXY.records(path, "a.log", max_bytes=4096))
+    messages = [i for i in items if isinstance(i, Message)]
+    aside = [i for i in items if isinstance(i, SetAside)]
+    assert len(aside) == 1 and aside[0].data == long_line.encode()
+    assert "longer than a message may be" in aside[0].reason and "a.log" in aside[0].reason
+    assert len(messages) > 10
+    published, fields_seen = [], []
+    for m in messages:
+        headers = dict(m.headers)
+        assert len(m.value) + sum(len(k) + len(v) for k, v in m.headers) <= 4096
+        published.extend(m.value.decode().split("\n"))
+        fields_seen.append(headers["spot.fields"].decode())
+    assert published == first + second, "every line whole, in order, once"
+    assert set(fields_seen) == {LAYOUTS["main27"], LAYOUTS["extras"]}
+    again = [i for i in PROXY.records(path, "a.log", max_bytes=4096) if isinstance(i, Message)]
+    assert [dict(m.headers)["spot.id"] for m in again] == \
+        [dict(m.headers)["spot.id"] for m in messages], "ids are deterministic"
+
+
+def test_a_log_without_header_uses_the_original_field_order(tmp_path):
+    path = tmp_path / "plain.log"
+    path.write_text("\n".join(log_lines(5, ORIGINAL_FIELDS)) + "\n")
+    [msg] = list(PROXY.records(path, "plain.log", max_bytes=900_000))
+    assert dict(msg.headers)["spot.fields"].decode() == ORIGINAL_FIELDS
+
+
+# -- end to end through Spark ------------------------------------------------
+
+def make_logs(collector: Path, tmp_path: Path) -> tuple[list[dict], dict]:
+    """Logs in several layouts plus bad lines; returns expected rows and rejects."""
+    expected = []
+    for i, layout in enumerate(("original", "main24", "main27", "extras")):
+        lines = list(log_lines(400, LAYOUTS[layout], seed=10 + i, start=1795248000 + 1800 * i))
+        expected += expected_rows(lines, LAYOUTS[layout])
+        body = header(LAYOUTS[layout]) + lines
+        if layout == "main27":
+            good = lines[0]
+            body += [BAD_LINES["unbalanced quotes"], BAD_LINES["wrong field count"],
+                     good.replace(good[:10], "2026-13-45", 1)]
+            (collector / f"{layout}.log").write_text("\n".join(body) + "\n")
+            with open(collector / f"{layout}.log", "ab") as f:
+                f.write(good.encode().replace(b"GET", b"G\xffT").replace(b"POST", b"P\xffST")
+                        .replace(b"CONNECT", b"C\xffNNECT") + b"\n")
+                f.write(b"2026-11-21 08:00:00 " + b"y" * 2_000_000 + b"\n")   # 2 MB line
+        else:
+            (collector / f"{layout}.log").write_text("\n".join(body) + "\n")
+    rejects = {"unbalanced quotes": 1, "expected 27 fields, found 5": 1, "bad date or time": 1,
+               "invalid UTF-8": 1}
+    return expected, rejects
+
+
+def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path):
+    env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
+    env.data["spark-streaming"] = {"spark_batch_size": "2"}
+    import json
+    env.config.write_text(json.dumps(env.data))
+    expected, rejects = make_logs(env.collector, tmp_path)
+    result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
+                             "-c", str(env.config)], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, "a line was set aside by the master: the run reports it"
+    rows = table_rows(env.hive)
+    assert sorted(map(key, rows)) == sorted(map(key, expected))
+    # Partitions: zero-padded strings from each line's date and time.
+    parts = {(r["y"], r["m"], r["d"], r["h"]) for r in rows}
+    assert parts == {(e["p_date"][:4], e["p_date"][5:7], e["p_date"][8:10], e["p_time"][:2])
+                     for e in expected}
+    assert all(len(p) == 2 for part in parts for p in part[1:])
+    agents = {r["useragent"] for r in rows}
+    assert any(" " in a for a in agents if a), "quoted values keep their spaces"
+    assert any(r["webcat"] == "Web Ads/Analytics" for r in rows)
+    # Rejects: stored with their reason and counted.
+    stored = ds.dataset(env.warehouse / "proxy" / "rejects", format="parquet").to_table().to_pylist()
+    assert sorted(r["reason"] for r in stored) == sorted(rejects)
+    assert all(r["source"] == "main27.log" and r["line_no"] > 400 for r in stored)
+    job_log = env.log(f"{env.pipeline}-stream.log")
+    assert f"totals: {len(expected)} rows, {len(rejects)} rejects" in job_log
+    # The 2 MB line was set aside by the master, with a clear message.
+    master_log = env.log(f"{env.pipeline}-master.log")
+    assert "main27.log is 2000020 bytes, longer than a message may be" in master_log
+    assert list((env.staging / "quarantine" / env.pipeline).glob("main27.log.line*"))
+
+
+def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_env, tmp_path):
+    env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
+    env.data["spark-streaming"] = {"spark_batch_size": "1"}
+    env.data["kafka"]["message_size"] = 20000     # many small messages, many batches
+    import json
+    env.config.write_text(json.dumps(env.data))
+    expected = []
+
+    def drop(i):
+        lines = list(log_lines(500, LAYOUTS["main27"], seed=40 + i, start=1795248000 + 600 * i))
+        expected.extend(expected_rows(lines, LAYOUTS["main27"]))
+        path = tmp_path / f"part{i}.log"
+        path.write_text("\n".join(header(LAYOUTS["main27"]) + lines) + "\n")
+        os.replace(path, env.collector / path.name)
+
+    job = env.spawn("stream", "--partitions", "2", log_name="stream-1.log")
+    master = env.master(2)
+    for i in range(3):
+        drop(i)
+    wait_for(lambda: re.search(r"batch \d+: [1-9]\d* message", env.log("stream-1.log")), 240,
+             "a first committed batch")
+    for i in range(3, 8):
+        drop(i)
+    wait_for(lambda: "published part7.log" in env.log("master.log"), 60, "the second wave")
+    env.kill(job)   # wherever it is: reading, parsing, writing or committing
+    done_before = len(table_rows(env.hive))
+    assert done_before < len(expected), "the kill came too late to test anything"
+    env.spawn("stream", "--partitions", "2", log_name="stream-2.log")
+    wait_for(lambda: len(table_rows(env.hive)) >= len(expected), 300, "every row after the restart")
+    rows = table_rows(env.hive)
+    assert sorted(map(key, rows)) == sorted(map(key, expected)), "no row lost, none doubled"
+    assert master.poll() is None
