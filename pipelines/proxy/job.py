@@ -85,33 +85,64 @@ def parse(batch):
 
 
 def _writer(table_root: str, rejects_root: str, prefix: str):
-    """The per-message writer run by ``applyInArrow`` on the executors."""
-    def write(table):
+    """The writer run by ``mapInArrow`` in each task: the rows of one Kafka
+    record (message) are contiguous in a task (no shuffle between source and
+    writer), so each message is written, under its own name, when the next
+    one begins."""
+    def write(batches):
         import pyarrow as pa
         import pyarrow.compute as pc
 
         from pipelines.proxy import PROXY, REJECTS_SCHEMA
         from spot_ingest.warehouse import TableWriter
 
-        msg_id = table.column("msg_id")[0].as_py()
-        bad = pc.is_valid(table.column("reject"))
-        good, rejected = table.filter(pc.invert(bad)), table.filter(bad)
         tag = f"{prefix}-{os.getpid()}"
-        if good.num_rows:
-            w = TableWriter(Path(table_root), f"part-{msg_id}", PROXY.schema, PROXY.partition_schema, tag)
-            for batch in good.select(PROXY.full_schema.names).cast(PROXY.full_schema).to_batches():
-                w.write(batch)
-            w.commit()
-        if rejected.num_rows:
-            w = TableWriter(Path(rejects_root), f"rejects-{msg_id}", REJECTS_SCHEMA, pa.schema([]),
-                            tag, data_dir=".")
-            rj = rejected.select(["source", "line_no", "reject", "line"]).rename_columns(
-                REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
-            for batch in rj.to_batches():
-                w.write(batch)
-            w.commit()
-        return pa.table({"msg_id": [msg_id], "rows": [good.num_rows],
-                         "rejects": [rejected.num_rows]})
+        done: set[str] = set()
+        current, pending = None, []
+
+        def flush(msg_id, parts):
+            if msg_id in done:   # would overwrite this message's file with a part of it
+                raise RuntimeError(f"rows of message {msg_id} are not contiguous")
+            done.add(msg_id)
+            table = pa.Table.from_batches(parts)
+            bad = pc.is_valid(table.column("reject"))
+            good, rejected = table.filter(pc.invert(bad)), table.filter(bad)
+            if good.num_rows:
+                w = TableWriter(Path(table_root), f"part-{msg_id}", PROXY.schema,
+                                PROXY.partition_schema, tag)
+                for batch in good.select(PROXY.full_schema.names).cast(PROXY.full_schema).to_batches():
+                    w.write(batch)
+                w.commit()
+            if rejected.num_rows:
+                w = TableWriter(Path(rejects_root), f"rejects-{msg_id}", REJECTS_SCHEMA,
+                                pa.schema([]), tag, data_dir=".")
+                rj = rejected.select(["source", "line_no", "reject", "line"]).rename_columns(
+                    REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+                for batch in rj.to_batches():
+                    w.write(batch)
+                w.commit()
+            return pa.RecordBatch.from_pydict({"msg_id": [msg_id], "rows": [good.num_rows],
+                                               "rejects": [rejected.num_rows]})
+
+        for batch in batches:
+            ids = batch.column("msg_id")
+            # Split the batch where the message id changes.
+            n = len(ids)
+            edges = pc.indices_nonzero(pc.not_equal(ids.slice(1), ids.slice(0, n - 1))).to_pylist() \
+                if n > 1 else []
+            change = [0] + [i + 1 for i in edges] + [n]
+            for lo, hi in zip(change, change[1:]):
+                if hi <= lo:
+                    continue
+                piece = batch.slice(lo, hi - lo)
+                msg_id = piece.column("msg_id")[0].as_py()
+                if msg_id != current and pending:
+                    yield flush(current, pending)
+                    pending = []
+                current = msg_id
+                pending.append(piece)
+        if pending:
+            yield flush(current, pending)
     return write
 
 
@@ -197,8 +228,7 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
                     (F.col("headers")["spot.kind"] == "END_OF_RUN")
                     & (F.col("headers")["spot.run"] == run_id)).select("partition").collect()]
             parsed = parse(batch)
-            summary = parsed.groupBy("msg_id").applyInArrow(
-                writer, "msg_id string, rows long, rejects long").agg(
+            summary = parsed.mapInArrow(writer, "msg_id string, rows long, rejects long").agg(
                 F.sum("rows").alias("rows"), F.sum("rejects").alias("rejects"),
                 F.count("msg_id").alias("messages")).collect()[0]
         finally:
@@ -234,7 +264,7 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
             if progress and progress.get("batchId") != last_progress:
                 last_progress = progress.get("batchId")
                 lag = _lag(progress)
-                log.info("progress: batch %s, %s input rows, %.0f rows/s%s", progress.get("batchId"),
+                log.info("progress: batch %s, %s Kafka records, %.1f records/s%s", progress.get("batchId"),
                          progress.get("numInputRows"), progress.get("processedRowsPerSecond") or 0,
                          f", lag {lag} message(s)" if lag is not None else "")
             if run_id and len(totals["markers"]) >= partitions:
