@@ -38,6 +38,9 @@ def parse(batch):
     from . import COLUMNS, INT_COLUMNS
 
     header = F.col("headers")
+    markers = batch.where(header["spot.kind"] == "END_OF_RUN").select(
+        F.concat_ws("|", F.lit("END"), header["spot.run"], F.col("partition").cast("string"))
+        .alias("msg_id"))
     fields = F.split(header["spot.fields"], " ")
     msgs = batch.where(header["spot.kind"] == "LINES").select(
         header["spot.id"].alias("msg_id"), header["spot.source"].alias("source"),
@@ -81,11 +84,12 @@ def parse(batch):
             out.append(F.expr(f"try_cast({col} AS INT)").alias(col))
         else:
             out.append(F.col(col))
-    return values.select("*", reject.alias("reject")).select(
+    parsed = values.select("*", reject.alias("reject")).select(
         "msg_id", "source", "line_no", "reject",
         F.when(F.col("reject").isNotNull(), F.col("line")).alias("line"), *out,
         F.substring("p_date", 1, 4).alias("y"), F.substring("p_date", 6, 2).alias("m"),
         F.substring("p_date", 9, 2).alias("d"), F.substring("p_time", 1, 2).alias("h"))
+    return parsed.unionByName(markers, allowMissingColumns=True)
 
 
 def _writer(table_root: str, rejects_root: str, prefix: str):
@@ -140,6 +144,9 @@ def _writer(table_root: str, rejects_root: str, prefix: str):
                     continue
                 piece = batch.slice(lo, hi - lo)
                 msg_id = piece.column("msg_id")[0].as_py()
+                if msg_id.startswith("END|"):     # an end-of-run marker: report, write nothing
+                    yield pa.RecordBatch.from_pydict({"msg_id": [msg_id], "rows": [0], "rejects": [0]})
+                    continue
                 if msg_id != current and pending:
                     yield flush(current, pending)
                     pending = []
@@ -192,7 +199,6 @@ def spark_session(cfg, pcfg, partitions: int):
 
 
 def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool = False) -> int:
-    from pyspark.sql import functions as F
 
     from spot_ingest.bus import group_id
     from spot_ingest.spark_kafka import KafkaSource
@@ -224,20 +230,15 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
 
     def _sink(batch, batch_id):
         started = time.monotonic()
-        batch = batch.persist()
-        try:
-            markers = []
-            if run_id:
-                markers = [r.partition for r in batch.where(
-                    (F.col("headers")["spot.kind"] == "END_OF_RUN")
-                    & (F.col("headers")["spot.run"] == run_id)).select("partition").collect()]
-            parsed = parse(batch)
-            summary = parsed.mapInArrow(writer, "msg_id string, rows long, rejects long").agg(
-                F.sum("rows").alias("rows"), F.sum("rejects").alias("rejects"),
-                F.count("msg_id").alias("messages")).collect()[0]
-        finally:
-            batch.unpersist()
-        rows, rejects, messages = (summary["rows"] or 0), (summary["rejects"] or 0), summary["messages"]
+        # One pass over the batch: end-of-run markers ride along with the
+        # lines to the writer, which reports them back (see _writer).
+        summary = parse(batch).mapInArrow(
+            writer, "msg_id string, rows long, rejects long").collect()
+        markers = {int(r.msg_id.split("|")[2]) for r in summary
+                   if r.msg_id.startswith(f"END|{run_id}|")} if run_id else set()
+        written = [r for r in summary if not r.msg_id.startswith("END|")]
+        rows, rejects, messages = (sum(r.rows for r in written), sum(r.rejects for r in written),
+                                   len(written))
         totals["rows"] += rows
         totals["rejects"] += rejects
         totals["batches"] += 1
