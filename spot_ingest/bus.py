@@ -21,7 +21,7 @@ from pathlib import Path
 import fastavro
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,14 @@ def group_id(pipeline: str) -> str:
     return f"spot-ingest-{pipeline}"
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 30) -> int:
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float | None = None) -> int:
     """Create ``topic`` with ``partitions`` partitions, or check an existing one.
 
     A topic with fewer partitions than workers is grown when the broker allows
-    it; otherwise this refuses with a message saying what to do.
+    it; otherwise this refuses with a message saying what to do. An unreachable
+    broker is waited for (each retry logged), for ``timeout`` seconds or forever.
     """
-    admin = _retry(lambda: KafkaAdminClient(bootstrap_servers=bootstrap,
+    admin = retry_kafka(lambda: KafkaAdminClient(bootstrap_servers=bootstrap,
                                             client_id="spot-ingest-admin"),
                    f"connect to Kafka at {bootstrap}", timeout)
     try:
@@ -118,17 +119,33 @@ def _partition_count(admin: KafkaAdminClient, topic: str) -> int | None:
     return len(admin.describe_topics([topic])[0]["partitions"])
 
 
-def _retry(action, what: str, timeout: float):
-    delay, deadline = 0.5, time.monotonic() + timeout
+def retry_kafka(action, what: str, timeout: float | None = None):
+    delay = 0.5
+    deadline = time.monotonic() + timeout if timeout is not None else None
     while True:
         try:
             return action()
         except KafkaError as exc:
-            if time.monotonic() + delay > deadline:
+            if deadline is not None and time.monotonic() + delay > deadline:
                 raise BusError(f"could not {what}: {exc}") from None
             log.warning("could not %s (%s); retrying in %.1f s", what, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)
+
+
+def await_ack(future, what: str, timeout: float = 120, every: float = 5):
+    """Wait for the broker's acknowledgement of a send, saying so while it is late."""
+    waited = 0.0
+    while True:
+        try:
+            return future.get(timeout=every)
+        except KafkaTimeoutError:
+            if future.is_done:
+                raise
+            waited += every
+            if waited >= timeout:
+                raise
+            log.warning("the broker has not acknowledged the %s for %.0f s; waiting", what, waited)
 
 
 class Announcer:
@@ -144,19 +161,20 @@ class Announcer:
         self.balancer = PartitionBalancer(bootstrap, topic, partitions, group_id(pipeline))
 
     def announce(self, record: Announcement, partition: int | None = None,
-                 timeout: float = 30) -> tuple[int, int]:
+                 timeout: float = 120) -> tuple[int, int]:
         if partition is None:
             partition = self.balancer.choose()
         record.announced_at = int(time.time() * 1000)
-        meta = self.producer.send(self.topic, record.encode(), partition=partition).get(timeout)
+        future = self.producer.send(self.topic, record.encode(), partition=partition)
+        meta = await_ack(future, f"announcement of {record.original_name or 'end of run'}", timeout)
         self.balancer.sent(partition)
         return meta.partition, meta.offset
 
     def send_raw(self, value: bytes, headers: list[tuple[str, bytes]], partition: int,
                  timeout: float = 30) -> tuple[int, int]:
         """A record that is not an announcement (the proxy pipeline's lines)."""
-        meta = self.producer.send(self.topic, value, partition=partition,
-                                  headers=headers).get(timeout)
+        future = self.producer.send(self.topic, value, partition=partition, headers=headers)
+        meta = await_ack(future, "record", timeout)
         return meta.partition, meta.offset
 
     def close(self) -> None:
@@ -219,11 +237,11 @@ class PartitionReader:
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group_id(pipeline), enable_auto_commit=False,
             auto_offset_reset="earliest", client_id=f"spot-worker-{pipeline}-{partition}",
-            max_poll_records=16)
+            max_poll_records=16, request_timeout_ms=15_000)
         self.consumer.assign([self.tp])
 
-    def committed(self) -> int | None:
-        return self.consumer.committed(self.tp)
+    def committed(self, timeout_ms: int | None = None) -> int | None:
+        return self.consumer.committed(self.tp, timeout_ms=timeout_ms)
 
     def poll(self, timeout_ms: int = 1000) -> list:
         return self.consumer.poll(timeout_ms=timeout_ms).get(self.tp, [])

@@ -29,7 +29,7 @@ from pathlib import Path
 from kafka.errors import KafkaError
 
 from . import pipeline as registry
-from .bus import Announcement, Announcer, BusError, ensure_topic
+from .bus import Announcement, Announcer, BusError, await_ack, ensure_topic
 from .config import IngestConfig, PipelineConfig
 from .logs import setup_logging
 from .store import LocalStore, StagedFile
@@ -111,8 +111,8 @@ def publish_file(path: Path, relative: str, pcfg: PipelineConfig, bootstrap: str
     messages = set_aside = 0
     for item in plugin.records(path, relative, max_bytes):
         if hasattr(item, "value"):
-            _producer.send(pcfg.topic, item.value, partition=messages % partitions,
-                           headers=item.headers).get(60)
+            await_ack(_producer.send(pcfg.topic, item.value, partition=messages % partitions,
+                                     headers=item.headers), f"message {messages} of {relative}")
             messages += 1
         else:
             set_aside += 1
@@ -226,6 +226,9 @@ class Master:
         if not self.pcfg.collector_path.is_dir():
             raise MasterError(f"collector_path {self.pcfg.collector_path} of pipeline "
                               f"{self.pcfg.name} does not exist")
+        removed = LocalStore(self.cfg.hdfs_app_path).clean_incoming(self.pcfg.type)
+        if removed:
+            log.info("removed %d partial copy(ies) left in the store by a killed master", removed)
         partitions = ensure_topic(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers)
         self.announcer = Announcer(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers,
                                    self.pcfg.name, self.cfg.kafka.message_size)

@@ -87,6 +87,21 @@ class LocalStore:
             raise
         return StagedFile(str(final), size, sha)
 
+    def clean_incoming(self, ptype: str) -> int:
+        """Remove partial copies that a killed master of this host left behind."""
+        import psutil
+        removed = 0
+        incoming = self.root / ptype / "_incoming"
+        prefix = f"{socket.gethostname()}-"
+        if incoming.is_dir():
+            for p in incoming.iterdir():
+                if p.name.startswith(prefix):
+                    pid = p.name[len(prefix):].split("-")[0]
+                    if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                        p.unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
     def local_path(self, location: str) -> Path:
         """A path a worker can read the staged file from."""
         return local_root(location) if location.startswith("file://") else Path(location)

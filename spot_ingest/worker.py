@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from . import pipeline as registry
 from kafka.errors import KafkaError
 
-from .bus import END_OF_RUN, Announcement, BusError, PartitionReader
+from .bus import END_OF_RUN, Announcement, BusError, PartitionReader, retry_kafka
 from .config import IngestConfig, PipelineConfig
 from .logs import setup_logging
 from .pipeline import BadInputError
@@ -33,6 +33,7 @@ from .warehouse import TableWriter, remove_stale_temporaries
 log = logging.getLogger("spot_ingest.worker")
 
 PROGRESS_SECONDS = 10.0
+IDLE_CHECK_SECONDS = 10.0
 MAX_BACKOFF = 60.0
 EXIT_OK, EXIT_FILES_FAILED, EXIT_ERROR = 0, 3, 1
 
@@ -130,6 +131,8 @@ class Worker:
         self.committed = -1
         self.end_of_run_offset: int | None = None
         self.counts = {"loaded": 0, "quarantined": 0, "rows": 0}
+        self.last_heard = time.monotonic()
+        self.broker_lost = False
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -151,8 +154,10 @@ class Worker:
         removed = remove_stale_temporaries(store.table_root(self.plugin.table), self.tmp_prefix)
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
-        self.reader = PartitionReader(self.cfg.kafka.bootstrap, self.topic, self.worker_id,
-                                      self.pcfg.name)
+        self.reader = retry_kafka(
+            lambda: PartitionReader(self.cfg.kafka.bootstrap, self.topic, self.worker_id,
+                                    self.pcfg.name),
+            f"connect to Kafka at {self.cfg.kafka.bootstrap}")
         start = self.reader.committed()
         log.info("worker %d of pipeline %s reading %s partition %d from %s, %d processes",
                  self.worker_id, self.pcfg.name, self.topic, self.worker_id,
@@ -179,8 +184,16 @@ class Worker:
     def _step(self) -> None:
         if not self.stopping and len(self.in_flight) < self.max_in_flight \
                 and self.end_of_run_offset is None:
-            for record in self.reader.poll(timeout_ms=200 if self.in_flight else 1000):
+            records = self.reader.poll(timeout_ms=200 if self.in_flight else 1000)
+            for record in records:
                 self._accept(record)
+            if records:
+                self.last_heard = time.monotonic()
+                if self.broker_lost:
+                    log.info("the broker answers again")
+                    self.broker_lost = False
+            elif not self.in_flight and time.monotonic() - self.last_heard > IDLE_CHECK_SECONDS:
+                self._check_broker()
         self._start_due()
         running = [f.future for f in self.in_flight.values() if f.future]
         if running:
@@ -188,6 +201,19 @@ class Worker:
                  return_when=FIRST_COMPLETED)
         self._collect()
         self._commit()
+
+    def _check_broker(self) -> None:
+        """When idle, make sure silence means "no work", not "no broker"."""
+        try:
+            self.reader.committed(timeout_ms=5000)
+            if self.broker_lost:
+                log.info("the broker answers again")
+            self.broker_lost = False
+        except KafkaError as exc:
+            self.broker_lost = True
+            log.warning("the broker at %s is not answering (%s: %s); waiting for it",
+                        self.cfg.kafka.bootstrap, type(exc).__name__, exc)
+        self.last_heard = time.monotonic()
 
     def _accept(self, record) -> None:
         self.highest_seen = max(self.highest_seen, record.offset)
