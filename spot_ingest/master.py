@@ -293,6 +293,8 @@ class Master:
                 rel = str(path.resolve().relative_to(self.watcher.root))
             except ValueError:  # a symlink inside the tree pointing elsewhere inside it
                 rel = path.name
+            # Names are bytes on Linux: keep undecodable ones readable and valid UTF-8.
+            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             self.work[key] = _Work(path, rel, path.stat().st_mtime)
         in_progress = sum(1 for w in self.work.values() if w.future)
         for key, item in self.work.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -45,6 +46,15 @@ def local_root(location: str) -> Path:
         raise StoreError(f"store location '{location}': scheme {scheme}:// is not supported "
                          f"yet; use a local path, a shared mount or file://")
     return Path(location)
+
+
+def safe_name(name: str) -> str:
+    """A file name from the outside, made safe for any tool and any store:
+    the checksum prefix keeps it unique, so nothing is lost by replacing odd
+    characters (spaces, quotes, newlines, non-UTF-8 bytes)."""
+    if name in ("", "."):
+        return "."
+    return re.sub(r"[^A-Za-z0-9._+=@-]", "_", name).lstrip("-.") or "_"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,7 +88,8 @@ class LocalStore:
             stamp = time.gmtime(collected_at)
             rel = Path(relative_name)
             final = (self.root / ptype / "binary" / time.strftime("%Y%m%d", stamp)
-                     / time.strftime("%H", stamp) / rel.parent / f"{sha[:16]}-{rel.name}")
+                     / time.strftime("%H", stamp) / safe_name(str(rel.parent))
+                     / f"{sha[:16]}-{safe_name(rel.name)}")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
