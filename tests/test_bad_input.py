@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 from conftest import REPO, reference_rows, table_rows
 from pipelines.flow.sample import make_nfcapd_file

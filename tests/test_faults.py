@@ -190,3 +190,27 @@ def test_full_disk_under_the_warehouse(make_env, flow_sources):
     finally:
         env.stop_all()
         subprocess.run(["umount", "-l", str(table_dir)], capture_output=True)
+
+
+def test_dns_worker_killed_ten_times_loses_and_doubles_nothing(make_env, tmp_path):
+    from pipelines.dns.sample import make_dns_capture
+    from test_dns import rows_of, tshark_reference
+    env = make_env("dns", pipeline="dns_faults", ptype="dns", pkt_num=400,
+                   supported_files=[".pcap"], settle_seconds=0.2)
+    capture, _ = make_dns_capture(tmp_path / "src" / "big.pcap", 4000, seed=21)
+    drop(env, capture)
+    reader = Reader(env.hive)
+    reader.start()
+    env.master(1)
+    rnd = random.Random(8)
+    worker = env.worker(0)
+    for _ in range(10):
+        time.sleep(rnd.uniform(0.3, 1.2))
+        env.kill(worker)
+        worker = env.worker(0)
+    expected = tshark_reference([capture])
+    wait_for(lambda: env.row_count() == len(expected), 300, "every response after 10 kills")
+    reader.stop.set()
+    reader.join()
+    assert rows_of(env.table()) == expected
+    assert not reader.problems, reader.problems[:5]

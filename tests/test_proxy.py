@@ -176,7 +176,15 @@ def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_en
     env.kill(job)   # wherever it is: reading, parsing, writing or committing
     done_before = len(table_rows(env.hive))
     assert done_before < len(expected), "the kill came too late to test anything"
-    env.spawn("stream", "--partitions", "2", log_name="stream-2.log")
+    import random
+    rnd = random.Random(2)
+    for attempt in range(2, 4):   # two more kills, at random moments of a restarted job
+        job = env.spawn("stream", "--partitions", "2", log_name=f"stream-{attempt}.log")
+        wait_for(lambda a=attempt: "streaming" in env.log(f"stream-{a}.log"), 120, "a restart")
+        import time
+        time.sleep(rnd.uniform(1, 6))
+        env.kill(job)
+    env.spawn("stream", "--partitions", "2", log_name="stream-4.log")
     wait_for(lambda: len(table_rows(env.hive)) >= len(expected), 300, "every row after the restart")
     rows = table_rows(env.hive)
     assert sorted(map(key, rows)) == sorted(map(key, expected)), "no row lost, none doubled"
