@@ -33,7 +33,7 @@ if (( ${#missing[@]} )); then
   # tshark asks whether non-root users may capture; the default (no) is fine here.
   echo "wireshark-common wireshark-common/install-setuid boolean false" | $sudo debconf-set-selections 2>/dev/null || true
   $sudo apt-get update -q >/dev/null
-  $sudo apt-get install -y -q "${missing[@]}" >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 
 # 2. The package (editable, so the repository's scripts and the console commands agree).

@@ -243,6 +243,10 @@ class PartitionReader:
     def committed(self, timeout_ms: int | None = None) -> int | None:
         return self.consumer.committed(self.tp, timeout_ms=timeout_ms)
 
+    def ping(self, timeout_ms: int = 5000) -> None:
+        """A request the broker must answer (committed() may answer from a cache)."""
+        self.consumer.end_offsets([self.tp], timeout_ms=timeout_ms)
+
     def poll(self, timeout_ms: int = 1000) -> list:
         return self.consumer.poll(timeout_ms=timeout_ms).get(self.tp, [])
 

@@ -205,7 +205,7 @@ class Worker:
     def _check_broker(self) -> None:
         """When idle, make sure silence means "no work", not "no broker"."""
         try:
-            self.reader.committed(timeout_ms=5000)
+            self.reader.ping()
             if self.broker_lost:
                 log.info("the broker answers again")
             self.broker_lost = False
@@ -290,9 +290,14 @@ class Worker:
             except KafkaError as exc:
                 # Nothing is lost: the files stay loaded, and at worst are
                 # loaded again (idempotently) after a restart.
-                log.warning("could not commit offset %d (%s); will retry", position, exc)
+                log.warning("could not commit offset %d (%s: %s); will retry", position,
+                            type(exc).__name__, exc)
+                self.broker_lost = True
                 return
             self.committed = position
+            if self.broker_lost:
+                log.info("the broker answers again")
+                self.broker_lost = False
 
 
 def run(cfg: IngestConfig, pipeline_name: str, worker_id: int, topic: str | None = None,

@@ -157,8 +157,9 @@ def test_broker_paused_for_30_seconds(make_env, tmp_path, flow_sources):
         wait_for(lambda: env.row_count() == len(expected), 300, "every row after the outage")
         assert table_rows(env.table()) == expected
         assert "has not acknowledged the announcement" in env.log("master.log")
-        assert "is not answering" in env.log("worker-0.log")
-        assert "the broker answers again" in env.log("worker-0.log")
+        worker_log = env.log("worker-0.log")
+        assert "is not answering" in worker_log or "could not commit offset" in worker_log
+        assert "the broker answers again" in worker_log
 
 
 def test_full_disk_under_the_warehouse(make_env, flow_sources):
