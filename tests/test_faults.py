@@ -100,7 +100,8 @@ def test_master_killed_while_staging_and_while_announcing(make_env, tmp_path, br
     incoming = env.warehouse / "flow" / "_incoming"
     master = env.master(1)
     # While staging: a partial copy is in the store's _incoming folder.
-    wait_for(lambda: incoming.exists() and any(incoming.iterdir()), 60, "a copy in progress")
+    wait_for(lambda: incoming.exists() and any(incoming.iterdir()), 60, "a copy in progress",
+             interval=0.001)
     env.kill(master)
     killed_while_staging = any(incoming.iterdir())
     # While announcing: the broker stops answering once the master is
