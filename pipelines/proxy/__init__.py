@@ -95,7 +95,11 @@ class ProxyPipeline(Pipeline):
 
     def records(self, path: Path, relative: str, max_bytes: int) -> Iterator[Message | SetAside]:
         """Cut a log into messages of at most ``max_bytes``, never splitting a line."""
-        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:   # streamed: logs can be far larger than memory
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        sha = digest.hexdigest()
         budget = max_bytes - HEADER_OVERHEAD
         fields = ORIGINAL_FIELDS
         lines: list[bytes] = []
