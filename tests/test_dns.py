@@ -108,8 +108,15 @@ def test_split_into_chunks_loses_and_doubles_nothing(capture, tmp_path):
 
 def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, caplog):
     data = capture.read_bytes()
+    # Cut inside a packet (not on a record boundary): walk the pcap records.
+    import struct
+    pos, starts = 24, []
+    while pos + 16 <= len(data):
+        starts.append(pos)
+        pos += 16 + struct.unpack_from("<I", data, pos + 8)[0]
+    inside = starts[len(starts) * 2 // 3] + 16 + 5
     cut = tmp_path / "cut.pcap"
-    cut.write_bytes(data[: len(data) * 2 // 3 + 7])
+    cut.write_bytes(data[:inside])
     table = convert(cut)
     assert 0 < table.num_rows < 400
     assert rows_of(table) == tshark_reference([cut])
