@@ -62,14 +62,18 @@ class _Work:
     published: tuple[int, int] | None = None
 
 
-def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
-               store_location: str) -> list[StagedFile]:
-    """Split (if the pipeline does) and copy into the store. Runs in a staging process."""
+def _check_size(path: Path, pcfg: PipelineConfig) -> None:
     size = path.stat().st_size
     if size == 0:
         raise RejectedFile("empty file")
     if pcfg.max_file_size and size > pcfg.max_file_size:
         raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
+
+
+def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
+               store_location: str) -> list[StagedFile]:
+    """Split (if the pipeline does) and copy into the store. Runs in a staging process."""
+    _check_size(path, pcfg)
     plugin = registry.load(pcfg.type)
     store = LocalStore(store_location)
     scratch = plugin.scratch_dir(pcfg)
@@ -97,11 +101,7 @@ def publish_file(path: Path, relative: str, pcfg: PipelineConfig, bootstrap: str
     before the next (so each is a batch of its own on the broker). Runs in a
     staging process. Returns (messages, items set aside)."""
     global _producer
-    size = path.stat().st_size
-    if size == 0:
-        raise RejectedFile("empty file")
-    if pcfg.max_file_size and size > pcfg.max_file_size:
-        raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
+    _check_size(path, pcfg)
     if _producer is None:
         from kafka import KafkaProducer
         _producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,

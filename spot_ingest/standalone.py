@@ -221,5 +221,8 @@ def _child_exited(child: Child, code: int, once: bool, stop: dict) -> bool:
     child.restarts += 1
     log.error("%s died (exit code %s); restarting it (%d/%d); see %s", child.role, code,
               child.restarts, RESTART_LIMIT, child.log_path)
+    if "--new-broker" in child.args:
+        # The stale checkpoint was dropped at the first start; a restart keeps its own.
+        child.args.remove("--new-broker")
     child.start()
     return False
