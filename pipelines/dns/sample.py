@@ -1,19 +1,35 @@
-"""Make real DNS captures: ``dnsmasq`` answers queries on the loopback
-interface while ``tcpdump`` records the traffic.
+"""Make real DNS captures: the real ``dnsmasq`` answers queries sent from
+Python over UDP on loopback, and the exchange is written to a pcap file.
 
-The queries are sent from Python, but every response in the capture is
-dnsmasq's and every byte of the file is tcpdump's. Used by the demo, the
-tests and the benchmarks.
+How: dnsmasq runs as the calling user on 127.0.0.1 and ::1, on a free port.
+Python sends the queries over UDP sockets (IPv4 and IPv6) and receives
+dnsmasq's answers. Every query sent and every answer received goes into a
+classic pcap file (linktype EN10MB, as tcpdump writes for ``lo``) through
+``dpkt.pcap.Writer``. The DNS payload of every packet is exactly the bytes we
+sent or dnsmasq answered; only the Ethernet (zero MAC addresses, as on
+``lo``), IPv4/IPv6 and UDP headers are written by dpkt, with the real
+addresses and ports, correct lengths and correct checksums. Each packet's
+time is the kernel's software timestamp of that datagram (SO_TIMESTAMPING:
+when the query left the socket, when the answer arrived), and the packets are
+in that order. Not the kernel's own values: the IPv4 identification (a
+counter), the IPv6 flow label (0) and the TTL/hop limit (64, Linux's default).
 
-    python -m pipelines.dns.sample OUT.pcap --queries 1000
+Why: recording ``lo`` with tcpdump needs root (packet capture privileges),
+and the demo, the tests and the benchmarks must work for a normal user. The
+tcpdump way stays available (``recorder="tcpdump"``, as root) and the tests
+check that tshark reads the same DNS traffic from both files.
+
+    python -m pipelines.dns.sample OUT.pcap --queries 1000 [--recorder tcpdump]
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -21,7 +37,13 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import Callable
+
+import dpkt
+
+from spot_ingest.pipeline import ToolMissingError
 
 # Names dnsmasq answers, and how (see Resolver.start).
 ANSWERED = {
@@ -82,12 +104,28 @@ def standard_queries(count: int, seed: int = 1) -> list[Query]:
     return out
 
 
+DNSMASQ_DIRS = ("/usr/sbin", "/sbin")   # where Debian puts it: not on a normal user's PATH
+
+
+def find_dnsmasq(path: str | None = None, dirs: tuple[str, ...] | None = None) -> str:
+    """The dnsmasq program: on ``path`` (default $PATH), else in ``dirs`` (default DNSMASQ_DIRS)."""
+    dirs = DNSMASQ_DIRS if dirs is None else dirs
+    found = shutil.which("dnsmasq", path=path) or shutil.which("dnsmasq", path=os.pathsep.join(dirs))
+    if found is None:
+        raise ToolMissingError("the dns sample needs dnsmasq (not found on PATH, /usr/sbin or /sbin); "
+                               "install it: apt-get install dnsmasq-base")
+    return found
+
+
 class Resolver:
-    """dnsmasq on 127.0.0.1 and ::1, on a free port."""
+    """dnsmasq on 127.0.0.1 and ::1, on a free port, as the calling user.
+
+    Nothing here needs root: the port is above 1024, ``--user=`` keeps dnsmasq
+    from switching user and ``--pid-file=`` from writing /run/dnsmasq.pid."""
 
     def __init__(self, port: int | None = None):
         self.port = port or _free_port()
-        args = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+        args = [find_dnsmasq(), "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
                 "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
                 "--listen-address=::1", f"--port={self.port}", "--pid-file=", "--user=",
                 f"--local=/{LOCAL_ZONE}/", f"--address=/{WILDCARD_ZONE}/10.9.9.9",
@@ -96,7 +134,11 @@ class Resolver:
             for addr in addrs:
                 args.append(f"--host-record={name},{addr}")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()   # not left running when it never answered
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 10
@@ -118,17 +160,27 @@ class Resolver:
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
+    def __enter__(self) -> "Resolver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class Capture:
-    """tcpdump on the loopback interface, writing a pcap."""
+    """tcpdump on the loopback interface, writing a pcap (needs root)."""
 
     def __init__(self, out: Path, port: int):
         self.out = Path(out)
+        tcpdump = shutil.which("tcpdump") or shutil.which("tcpdump", path="/usr/sbin:/sbin")
+        if tcpdump is None:
+            raise ToolMissingError("the tcpdump recorder needs tcpdump (not found on PATH, /usr/sbin "
+                                   "or /sbin); install it: apt-get install tcpdump")
         # --immediate-mode: hand each packet over as it arrives; without it the
         # kernel delivers in blocks and an interrupted tcpdump loses the last one.
         # In that mode the kernel ring has buffer/snaplen slots: a DNS-sized
         # snaplen (-s 9000) keeps thousands of slots instead of 64.
-        cmd = ["tcpdump", "-i", "lo", "-U", "--immediate-mode", "-n", "-B", "65536", "-s", "9000",
+        cmd = [tcpdump, "-i", "lo", "-U", "--immediate-mode", "-n", "-B", "65536", "-s", "9000",
                "-w", str(self.out), f"udp port {port}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # tcpdump says "listening on lo" once the capture runs: wait for that.
@@ -139,7 +191,8 @@ class Capture:
             if ready:
                 line = self.proc.stderr.readline()
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tcpdump did not start: {line.decode(errors='replace')}")
+                hint = " (recording lo needs root)" if os.geteuid() != 0 else ""
+                raise RuntimeError(f"tcpdump did not start{hint}: {line.decode(errors='replace')}")
 
     def wait_for_packets(self, count: int, timeout: float = 60) -> None:
         """Block until the file holds ``count`` packets (tcpdump -U writes each at once)."""
@@ -178,48 +231,214 @@ def pcap_packet_count(path: Path) -> int:
     return count
 
 
-def run_queries(port: int, queries: list[Query], window: int = 64) -> int:
-    """Send queries, at most ``window`` unanswered at a time; return answers received."""
-    socks = {socket.AF_INET: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-             socket.AF_INET6: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)}
-    dest = {socket.AF_INET: ("127.0.0.1", port), socket.AF_INET6: ("::1", port)}
-    outstanding = received = 0
+# Linux socket timestamping (linux/net_tstamp.h, asm-generic/socket.h); the
+# socket module has no names for them. Software stamps need no privileges.
+SO_TIMESTAMPING = 37
+_STAMP_FLAGS = (1 << 1       # SOF_TIMESTAMPING_TX_SOFTWARE: when a datagram leaves
+                | 1 << 3     # SOF_TIMESTAMPING_RX_SOFTWARE: when a datagram arrives
+                | 1 << 4     # SOF_TIMESTAMPING_SOFTWARE: report software stamps
+                | 1 << 7     # SOF_TIMESTAMPING_OPT_ID: number the sent datagrams
+                | 1 << 11)   # SOF_TIMESTAMPING_OPT_TSONLY: the stamp alone, no copy of the data
+_RECVERR = {(socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25)}   # IP_RECVERR, IPV6_RECVERR
+_TIMESPEC = struct.Struct("@ll")
+
+
+def _stamp_ns(cmsgs) -> int | None:
+    """The software time (ns since the epoch) in a SCM_TIMESTAMPING message, if any."""
+    for level, kind, data in cmsgs:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            if sec or nsec:
+                return sec * 1_000_000_000 + nsec
+    return None
+
+
+class Client:
+    """A UDP socket on loopback that knows when each datagram left and arrived.
+
+    The times are the kernel's software timestamps; where the kernel gives none
+    (not Linux), the clock just before ``sendto`` and just after ``recvmsg``."""
+
+    def __init__(self, family: int, server_port: int):
+        host = "127.0.0.1" if family == socket.AF_INET else "::1"
+        self.family = family
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.addr = self.sock.getsockname()[:2]
+        self.server = (host, server_port)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, _STAMP_FLAGS)
+            self.stamped = True
+        except OSError:
+            self.stamped = False
+        self.sock.setblocking(False)
+        self.sent = 0
+
+    def send(self, payload: bytes) -> int:
+        """Send one datagram to the server; return when it left (ns)."""
+        before = time.time_ns()
+        self.sock.sendto(payload, self.server)
+        number, self.sent = self.sent, self.sent + 1
+        return (self._sent_stamp(number) if self.stamped else None) or before
+
+    def _sent_stamp(self, number: int | None) -> int | None:
+        # On loopback the kernel stamps the datagram inside sendto: the stamp
+        # is on the error queue already. OPT_ID numbers them, to match; stamps
+        # of earlier datagrams (late, or ``number`` None) are dropped.
+        while True:
+            try:
+                _, cmsgs, _, _ = self.sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
+            except BlockingIOError:
+                return None
+            ident = next((struct.unpack_from("=I", data, 12)[0]   # sock_extended_err.ee_data
+                          for level, kind, data in cmsgs if (level, kind) in _RECVERR), None)
+            if number is not None and ident == number & 0xFFFFFFFF:
+                return _stamp_ns(cmsgs)
+
+    def receive(self) -> tuple[bytes, tuple, int] | None:
+        """(payload, source address, arrival ns) of the next datagram waiting, or None."""
+        try:
+            data, cmsgs, flags, src = self.sock.recvmsg(65535, 512)
+        except BlockingIOError:
+            if self.stamped:
+                self._sent_stamp(None)   # a late send stamp would keep select() waking us
+            return None
+        after = time.time_ns()
+        if flags & socket.MSG_TRUNC:
+            raise RuntimeError(f"a {len(data)}+ byte answer from {src} did not fit the buffer")
+        return data, src[:2], _stamp_ns(cmsgs) or after
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PcapRecorder:
+    """Datagrams into a classic pcap (EN10MB, microseconds, as tcpdump writes),
+    each wrapped by dpkt in Ethernet + IPv4/IPv6 + UDP headers, in time order.
+
+    ``packet`` takes datagrams in the order Python handled them; an answer read
+    late may have arrived before a query sent since, so they wait in a heap
+    until ``settle(t)`` says nothing stamped before ``t`` is still to come."""
+
+    def __init__(self, fileobj):
+        self.writer = dpkt.pcap.Writer(fileobj, snaplen=262144, linktype=dpkt.pcap.DLT_EN10MB)
+        self.pending: list[tuple[int, int, bytes, tuple, tuple]] = []
+        self.seen = self.written = 0
+
+    def packet(self, stamp_ns: int, payload: bytes, src: tuple, dst: tuple) -> None:
+        heapq.heappush(self.pending, (stamp_ns, self.seen, payload, src, dst))
+        self.seen += 1
+
+    def settle(self, before_ns: int | None = None) -> None:
+        """Write the packets stamped before ``before_ns`` (None: all of them)."""
+        while self.pending and (before_ns is None or self.pending[0][0] < before_ns):
+            stamp_ns, _, payload, src, dst = heapq.heappop(self.pending)
+            frame = udp_frame(payload, src, dst, ident=self.written & 0xFFFF)
+            # Exact microseconds (tcpdump truncates the kernel's ns the same way).
+            self.writer.writepkt_time(frame, Decimal(stamp_ns // 1000) / 1_000_000)
+            self.written += 1
+
+
+def udp_frame(payload: bytes, src: tuple, dst: tuple, ident: int = 0) -> bytes:
+    """``payload`` as a UDP datagram from ``src`` to ``dst`` ((address, port) pairs),
+    in an Ethernet frame with zero MAC addresses, as tcpdump records ``lo``.
+    dpkt fills in the lengths and the checksums."""
+    udp = dpkt.udp.UDP(sport=src[1], dport=dst[1], ulen=8 + len(payload), data=payload)
+    if ":" in src[0]:
+        ip = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, src[0]),
+                          dst=socket.inet_pton(socket.AF_INET6, dst[0]),
+                          nxt=dpkt.ip.IP_PROTO_UDP, hlim=64, plen=udp.ulen, data=udp)
+        bytes(ip)                  # computes the UDP checksum
+        if udp.sum == 0:
+            udp.sum = 0xFFFF       # RFC 8200: a zero UDP checksum is sent as all ones over IPv6
+        ethertype = dpkt.ethernet.ETH_TYPE_IP6
+    else:
+        ip = dpkt.ip.IP(src=socket.inet_aton(src[0]), dst=socket.inet_aton(dst[0]),
+                        p=dpkt.ip.IP_PROTO_UDP, ttl=64, id=ident, data=udp)
+        ip.df = 1                  # Linux sets DF on UDP (path MTU discovery)
+        ethertype = dpkt.ethernet.ETH_TYPE_IP
+    return bytes(dpkt.ethernet.Ethernet(dst=b"\0" * 6, src=b"\0" * 6, type=ethertype, data=ip))
+
+
+def run_queries(port: int, queries: list[Query], window: int = 64,
+                recorder: PcapRecorder | None = None) -> int:
+    """Send queries, at most ``window`` unanswered at a time; return answers received.
+    Every query sent and answer received is handed to ``recorder`` if given."""
+    clients = {family: Client(family, port) for family in (socket.AF_INET, socket.AF_INET6)}
+    by_sock = {c.sock: c for c in clients.values()}
+    waiting: dict[tuple[int, int], int] = {}   # (family, id) -> when the query left; oldest first
+    received = 0
     try:
         for i, q in enumerate(queries):
-            socks[q.family].sendto(encode_query(i & 0xFFFF, q.name, q.qtype), dest[q.family])
-            outstanding += 1
-            while outstanding >= window or (i == len(queries) - 1 and outstanding):
-                ready, _, _ = select.select(list(socks.values()), [], [], 2.0)
+            client, qid = clients[q.family], i & 0xFFFF
+            payload = encode_query(qid, q.name, q.qtype)
+            stamp = client.send(payload)
+            waiting[(q.family, qid)] = stamp
+            if recorder:
+                recorder.packet(stamp, payload, client.addr, client.server)
+            while len(waiting) >= window or (i == len(queries) - 1 and waiting):
+                ready, _, _ = select.select(list(by_sock), [], [], 2.0)
                 if not ready:
-                    outstanding = 0   # a lost answer: the capture is still what it is
+                    waiting.clear()   # a lost answer: the capture is still what it is
                     break
                 for s in ready:
-                    s.recv(4096)
-                    outstanding -= 1
-                    received += 1
+                    client = by_sock[s]
+                    while (got := client.receive()) is not None:
+                        answer, src, stamp = got
+                        received += 1
+                        waiting.pop((client.family, int.from_bytes(answer[:2], "big")), None)
+                        if recorder:
+                            recorder.packet(stamp, answer, src, client.addr)
+            if recorder:
+                # An answer still to come arrives after its query: the oldest
+                # unanswered query bounds what may still come before.
+                recorder.settle(next(iter(waiting.values()), None))
     finally:
-        for s in socks.values():
-            s.close()
+        for c in clients.values():
+            c.close()
     return received
 
 
-def make_dns_capture(dest: Path, queries: int | list[Query] = 200, seed: int = 1) -> tuple[Path, int]:
-    """Write a pcap of dnsmasq answering ``queries``; return (path, responses in it)."""
+RECORDERS = ("dpkt", "tcpdump")
+
+
+def make_dns_capture(dest: Path, queries: int | list[Query] = 200, seed: int = 1, *,
+                     recorder: str = "dpkt",
+                     on_ready: Callable[[int], None] | None = None) -> tuple[Path, int]:
+    """Write a pcap of dnsmasq answering ``queries``; return (path, responses in it).
+
+    ``recorder``: "dpkt" (default, needs no privileges: see the module
+    docstring) or "tcpdump" (records ``lo``, needs root). ``on_ready(port)`` is
+    called once dnsmasq answers on ``port``, before the first query."""
+    if recorder not in RECORDERS:
+        raise ValueError(f"recorder must be one of {', '.join(RECORDERS)}, not {recorder!r}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     qs = standard_queries(queries, seed) if isinstance(queries, int) else queries
-    resolver = Resolver()
-    try:
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".tcpdump-") as tmp:
-            capture = Capture(Path(tmp) / "capture.pcap", resolver.port)
-            received = run_queries(resolver.port, qs)
-            capture.wait_for_packets(len(qs) + received)
-            captured, dropped = capture.close()
-            if dropped:
-                raise RuntimeError(f"tcpdump dropped {dropped} packets")
-            os.replace(capture.out, dest)
-    finally:
-        resolver.close()
+    with Resolver() as resolver:
+        if on_ready:
+            on_ready(resolver.port)
+        # Written under a hidden folder next to dest, then renamed: dest
+        # appears complete (a watcher ignores hidden folders).
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".dns-sample-") as tmp:
+            out = Path(tmp) / (dest.name + ".part")
+            if recorder == "tcpdump":
+                capture = Capture(out, resolver.port)
+                try:
+                    received = run_queries(resolver.port, qs)
+                    capture.wait_for_packets(len(qs) + received)
+                finally:
+                    captured, dropped = capture.close()
+                if dropped:
+                    raise RuntimeError(f"tcpdump dropped {dropped} packets")
+            else:
+                with open(out, "xb") as f:
+                    pcap = PcapRecorder(f)
+                    received = run_queries(resolver.port, qs, recorder=pcap)
+                    pcap.settle()
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(out, dest)
     return dest, received
 
 
@@ -228,8 +447,13 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--recorder", choices=RECORDERS, default="dpkt",
+                        help="dpkt: no privileges needed (default); tcpdump: record lo, needs root")
     args = parser.parse_args(argv)
-    path, answers = make_dns_capture(args.out, args.queries, args.seed)
+    try:
+        path, answers = make_dns_capture(args.out, args.queries, args.seed, recorder=args.recorder)
+    except ToolMissingError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"{path}: {answers} responses")
 
 

@@ -10,6 +10,7 @@ than the original's ``-o csv`` export (benchmarks/bench_flow.py).
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from spot_ingest.pipeline import BadInputError, Pipeline
+from spot_ingest.pipeline import BadInputError, Pipeline, ToolMissingError
 from spot_ingest.tools import ToolRun, stream_csv
 
 from .protocols import PROTOCOL_NAMES
@@ -158,6 +159,9 @@ class FlowPipeline(Pipeline):
 
     def make_sample(self, dest_dir: Path) -> list[Path]:
         from .sample import make_nfcapd_file
+        if shutil.which("nfcapd") is None:
+            raise ToolMissingError("the flow sample needs nfcapd (not on PATH); install it: "
+                                   "apt-get install nfdump")
         stamp = time.strftime("%Y%m%d%H%M", time.gmtime())
         return [make_nfcapd_file(Path(dest_dir) / f"nfcapd.{stamp}", 20_000, seed=7)]
 

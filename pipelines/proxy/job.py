@@ -16,10 +16,10 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
+
+from spot_ingest.spark_env import DEFAULT_BIND_ADDRESS, CodeArchive, prepare_environment
 
 log = logging.getLogger("spot_ingest.proxy_job")
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -157,26 +157,25 @@ def _writer(table_root: str, rejects_root: str, prefix: str):
     return write
 
 
-def _code_zip() -> str:
-    """The engine and pipelines as a zip for executors on other hosts."""
-    target = Path(tempfile.gettempdir()) / f"spot-ingest-code-{os.getpid()}.zip"
-    with zipfile.ZipFile(target, "w") as z:
-        for package in ("spot_ingest", "pipelines"):
-            for f in (REPO / package).rglob("*"):
-                if f.suffix in (".py", ".avsc"):
-                    z.write(f, f.relative_to(REPO))
-    return str(target)
-
-
-def spark_session(cfg, pcfg, partitions: int):
+def spark_session(cfg, pcfg, partitions: int, code_zip: str):
     from pyspark.sql import SparkSession
 
     opts = cfg.spark_streaming
+    bind = opts.get("bind_address") or DEFAULT_BIND_ADDRESS
+    prepare_environment(bind)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # Spark's scratch (shuffle, broadcast, the JVM's temporary files) goes to
+    # the pipeline's local staging area, not /tmp.
+    scratch = pcfg.local_staging / "spark" / pcfg.name
+    scratch.mkdir(parents=True, exist_ok=True)
     builder = (SparkSession.builder.appName(f"spot-ingest-{pcfg.name}")
                .config("spark.sql.shuffle.partitions", str(max(2, partitions)))
                .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.sql.session.timeZone", "UTC"))
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.driver.bindAddress", bind)
+               .config("spark.driver.host", bind)
+               .config("spark.local.dir", str(scratch))
+               .config("spark.driver.extraJavaOptions", f"-Djava.io.tmpdir={scratch}"))
     master = opts.get("master") or ""
     if master:
         builder = builder.master(master)
@@ -194,14 +193,11 @@ def spark_session(cfg, pcfg, partitions: int):
             builder = builder.config(prop, str(opts[key]))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    spark.sparkContext.addPyFile(_code_zip())
+    spark.sparkContext.addPyFile(code_zip)
     return spark
 
 
 def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool = False) -> int:
-
-    from spot_ingest.bus import group_id
-    from spot_ingest.spark_kafka import KafkaSource
     from spot_ingest.store import local_root
 
     trigger = float(cfg.spark_streaming.get("spark_batch_size") or 5)
@@ -211,7 +207,16 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
         # The embedded broker starts empty: offsets of the last one are void.
         log.info("new embedded broker: removing the checkpoint of the previous one (%s)", checkpoint)
         shutil.rmtree(checkpoint)
-    spark = spark_session(cfg, pcfg, partitions)
+    with CodeArchive() as code_zip:
+        return _run(cfg, pcfg, partitions, run_id, spark_session(cfg, pcfg, partitions, code_zip),
+                    checkpoint, root, trigger)
+
+
+def _run(cfg, pcfg, partitions: int, run_id: str | None, spark, checkpoint: Path, root: Path,
+         trigger: float) -> int:
+    from spot_ingest.bus import group_id
+    from spot_ingest.spark_kafka import KafkaSource
+
     spark.dataSource.register(KafkaSource)
     stream = (spark.readStream.format("spot_kafka").option("bootstrap", cfg.kafka.bootstrap)
               .option("topic", pcfg.topic).option("group", group_id(pcfg.name)).load())
