@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.bus import Announcement, Announcer, ensure_topic  # noqa: E402
+from spot_ingest.config import KafkaConfig  # noqa: E402
 from spot_ingest.store import LocalStore  # noqa: E402
 
 
@@ -139,9 +140,10 @@ def run_worker(workdir: Path, bootstrap: str, srcs, processes: int, cores: str |
         "pipelines": {"bench": {"type": "flow", "collector_path": str(collector),
                                 "local_staging": str(root / "staging"), "topic": topic,
                                 "worker_processes": processes}}}))
-    ensure_topic(bootstrap, topic, 1)
+    kafka = KafkaConfig(bootstrap.split(":")[0], int(bootstrap.split(":")[1]))
+    ensure_topic(kafka, topic, 1)
     store = LocalStore(str(root / "warehouse"))
-    announcer = Announcer(bootstrap, topic, 1, "bench")
+    announcer = Announcer(kafka, topic, 1, "bench")
     for i, src in enumerate(srcs):   # staged beforehand: this measures the worker alone
         staged = store.stage(src, "flow", src.name, time.time())
         announcer.announce(Announcement("bench", "flow", staged.location, staged.size,

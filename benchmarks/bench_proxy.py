@@ -31,10 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.proxy import COLUMNS, ORIGINAL_FIELDS, PROXY, Message  # noqa: E402
+from pipelines.proxy import COLUMNS, ORIGINAL_FIELDS, PROXY, Message, output_name  # noqa: E402
 from pipelines.proxy.sample import log_lines, write_log  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.bus import ensure_topic  # noqa: E402
+from spot_ingest.config import KafkaConfig  # noqa: E402
+from spot_ingest.kafka_security import client_kwargs  # noqa: E402
 
 
 def shlex_baseline(path: Path) -> tuple[int, float]:
@@ -68,9 +70,9 @@ def write_conf(root: Path, bootstrap: str, topic: str, trigger: float) -> Path:
     return conf
 
 
-def publish(bootstrap: str, topic: str, path: Path, partitions: int) -> int:
+def publish(kafka: KafkaConfig, topic: str, path: Path, partitions: int) -> int:
     from kafka import KafkaProducer
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
+    producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0,
                              max_request_size=1_000_000)
     n = 0
     for item in PROXY.records(path, path.name, 900_000):
@@ -86,10 +88,11 @@ def throughput(workdir: Path, log: Path, lines: int, trigger: float) -> None:
     root = workdir / f"proxy-run-{run}"
     with EmbeddedBroker() as broker:
         topic = f"bench-proxy-{run}"
-        ensure_topic(broker.bootstrap, topic, 2)
-        messages = publish(broker.bootstrap, topic, log, 2)
+        kafka = KafkaConfig(broker.host, broker.port)
+        ensure_topic(kafka, topic, 2)
+        messages = publish(kafka, topic, log, 2)
         from kafka import KafkaProducer
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        producer = KafkaProducer(**client_kwargs(kafka), acks="all")
         for p in range(2):
             producer.send(topic, b"", partition=p, headers=[("spot.kind", b"END_OF_RUN"),
                                                             ("spot.run", run.encode())]).get(30)
@@ -119,7 +122,8 @@ def latency(workdir: Path, trigger: float, rate: int, seconds: int) -> None:
     hive = root / "warehouse" / "proxy" / "hive"
     with EmbeddedBroker() as broker:
         topic = f"bench-lat-{run}"
-        ensure_topic(broker.bootstrap, topic, 2)
+        kafka = KafkaConfig(broker.host, broker.port)
+        ensure_topic(kafka, topic, 2)
         conf = write_conf(root, broker.bootstrap, topic, trigger)
         log_dir = root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +152,7 @@ def latency(workdir: Path, trigger: float, rate: int, seconds: int) -> None:
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
             from kafka import KafkaProducer
-            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
+            producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0)
             per_msg = max(1, rate // 4)          # 4 messages a second
             t0 = time.time()
             for i in range(seconds * 4):
@@ -156,7 +160,7 @@ def latency(workdir: Path, trigger: float, rate: int, seconds: int) -> None:
                 path = root / "feed.log"
                 path.write_text("\n".join(lines) + "\n")
                 [msg] = [m for m in PROXY.records(path, f"feed{i}.log", 900_000)]
-                mid = dict(msg.headers)["spot.id"].decode()
+                mid = output_name(msg.value, msg.headers)   # the job names its output so
                 sent[mid] = time.time()
                 producer.send(topic, msg.value, partition=i % 2, headers=msg.headers).get(30)
                 time.sleep(max(0.0, t0 + (i + 1) / 4 - time.time()))

@@ -6,7 +6,7 @@
 #
 # 1. System packages, through apt-get (as root, or through sudo): Python's venv
 #    module, nfdump, tshark (with editcap), Java 17+ for PySpark, dnsmasq for the
-#    dns demo; with --test also tcpdump.
+#    dns demo; with --test also tcpdump, softflowd and stunnel4.
 # 2. A virtual environment in .venv/ at the repository root with the package
 #    (editable) and its Python dependencies, PySpark and the embedded broker
 #    included. Nothing is installed into the system's Python.
@@ -76,7 +76,8 @@ have tshark  || missing+=(tshark)          # brings editcap
 have dnsmasq || missing+=(dnsmasq-base)    # the binary only: no system DNS service is started
 java_ok=1
 have_java17 || java_ok=0
-(( with_tests )) && { have tcpdump || missing+=(tcpdump); have softflowd || missing+=(softflowd); }
+(( with_tests )) && { have tcpdump || missing+=(tcpdump); have softflowd || missing+=(softflowd)
+                      have stunnel4 || missing+=(stunnel4); }   # TLS in front of the test broker
 
 if (( ${#missing[@]} )) || (( ! java_ok )); then
   (( java_ok )) || missing+=("Java 17+")

@@ -46,10 +46,16 @@ def free_port() -> int:
 
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
-                 log_file: Path | None = None):
+                 log_file: Path | None = None, advertised: str | None = None,
+                 authentication: bool = False):
+        """``advertised`` (host:port) is the address clients are told to use,
+        when it is not the one the broker listens on (e.g. a TLS proxy in
+        front of it); ``authentication`` makes the broker require SASL."""
         self.host = host
         self.port = port or free_port()
         self.log_file = log_file
+        self.advertised = advertised
+        self.authentication = authentication
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -61,10 +67,12 @@ class EmbeddedBroker:
             raise BrokerError(f"something already listens on {self.bootstrap}; "
                               f"stop it or set kafka.embedded_broker to false to use it")
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+                 advertised, *(["--authentication"] if self.authentication else [])],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             if self.log_file:

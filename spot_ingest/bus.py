@@ -11,6 +11,8 @@ message, preceded by a one-byte format version.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -24,6 +26,9 @@ from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
+from .config import KafkaConfig
+from .kafka_security import PasswordError, client_kwargs, diagnose
+
 log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "announcement.avsc"
@@ -34,6 +39,14 @@ FILE, END_OF_RUN = "FILE", "END_OF_RUN"
 
 class BusError(Exception):
     pass
+
+
+class KafkaSecurityError(BusError):
+    """TLS or SASL refuses the connection: waiting will not help."""
+
+
+SECURITY_HINT = ("this will not fix itself: check the kafka.ssl_*/sasl_* settings, the broker's "
+                 "certificate and the credentials")
 
 
 @dataclass
@@ -75,20 +88,88 @@ class Announcement:
         return cls(pipeline, pipeline_type, "", 0, "", "", 0, host, kind=END_OF_RUN, run_id=run_id)
 
 
+SIGNATURE_HEADER = "spot.sig"
+
+
+def sign(key: bytes, value: bytes) -> bytes:
+    """HMAC-SHA256 of a record's value, hex, for the ``spot.sig`` header."""
+    return hmac.new(key, value, hashlib.sha256).hexdigest().encode()
+
+
+def signature_problem(key: bytes | None, value: bytes, headers) -> str | None:
+    """Why a record's signature is not acceptable (None: it is, or none is required)."""
+    if key is None:
+        return None
+    given = [v for k, v in (headers or []) if k == SIGNATURE_HEADER]
+    if not given:
+        return "unsigned (this pipeline's announcements must carry an HMAC-SHA256 signature)"
+    if len(given) > 1 or not hmac.compare_digest(given[0], sign(key, value or b"")):
+        return "bad signature (not signed with this pipeline's signing key)"
+    return None
+
+
 def group_id(pipeline: str) -> str:
     return f"spot-ingest-{pipeline}"
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float | None = None) -> int:
+KAFKA_DEFAULT_MESSAGE_LIMIT = 1_048_588
+
+
+def topic_message_limit(kafka: KafkaConfig, topic: str) -> int | None:
+    """The largest record the topic takes (its max.message.bytes, as the broker
+    reports it through DescribeConfigs); None when the broker does not say."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+    admin = KafkaAdminClient(**client_kwargs(kafka), client_id="spot-ingest-admin")
+    try:
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        admin.close()
+    entries = described.get("topic", {}).get(topic, {}) if isinstance(described, dict) else {}
+    value = entries.get("max.message.bytes")
+    if isinstance(value, dict):
+        value = value.get("value")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def check_message_size(kafka: KafkaConfig, topic: str) -> None:
+    """kafka.message_size must fit the topic's limit: refuse at start, not at the first big file."""
+    try:
+        limit = topic_message_limit(kafka, topic)
+    except KafkaError as exc:
+        log.warning("could not read topic %s's max.message.bytes (%s); kafka.message_size %d "
+                    "is not checked", topic, exc, kafka.message_size)
+        return
+    needed = kafka.message_size
+    if limit is None:
+        if needed > KAFKA_DEFAULT_MESSAGE_LIMIT:
+            log.warning("the broker does not report topic %s's max.message.bytes; "
+                        "kafka.message_size %d is above Kafka's default limit (%d): a broker with "
+                        "that limit will refuse the larger messages", topic, needed,
+                        KAFKA_DEFAULT_MESSAGE_LIMIT)
+        return
+    if needed > limit:
+        raise BusError(f"kafka.message_size is {needed} bytes but topic {topic} takes records of "
+                       f"at most {limit} bytes (max.message.bytes): lower kafka.message_size or "
+                       f"raise the topic's max.message.bytes")
+
+
+def ensure_topic(kafka: KafkaConfig, topic: str, partitions: int, timeout: float | None = None,
+                 security_fatal: bool | None = None) -> int:
     """Create ``topic`` with ``partitions`` partitions, or check an existing one.
 
     A topic with fewer partitions than workers is grown when the broker allows
     it; otherwise this refuses with a message saying what to do. An unreachable
     broker is waited for (each retry logged), for ``timeout`` seconds or forever.
+    A TLS or SASL refusal (see ``retry_kafka``) ends the wait at once when a
+    timeout is given or ``security_fatal`` is true.
     """
-    admin = retry_kafka(lambda: KafkaAdminClient(bootstrap_servers=bootstrap,
-                                            client_id="spot-ingest-admin"),
-                   f"connect to Kafka at {bootstrap}", timeout)
+    admin = retry_kafka(lambda: KafkaAdminClient(**client_kwargs(kafka),
+                                                 client_id="spot-ingest-admin"),
+                        f"connect to Kafka at {kafka.bootstrap}", timeout, kafka=kafka,
+                        security_fatal=security_fatal)
     try:
         existing = _partition_count(admin, topic)
         if existing is None:
@@ -119,18 +200,58 @@ def _partition_count(admin: KafkaAdminClient, topic: str) -> int | None:
     return len(admin.describe_topics([topic])[0]["partitions"])
 
 
-def retry_kafka(action, what: str, timeout: float | None = None):
+def security_problem(kafka: KafkaConfig | None) -> str | None:
+    """Why TLS or SASL refuses the connection, if it does (see kafka_security.diagnose)."""
+    if kafka is None:
+        return None
+    try:
+        return diagnose(kafka)
+    except Exception as exc:    # a diagnosis must never hide the original error
+        log.debug("could not diagnose the connection: %s", exc)
+        return None
+
+
+def retry_kafka(action, what: str, timeout: float | None = None, kafka: KafkaConfig | None = None,
+                security_fatal: bool | None = None):
+    """Run ``action`` (which makes a Kafka client) until it succeeds.
+
+    Connection errors are retried with backoff, each logged, for ``timeout``
+    seconds or forever. With ``kafka`` given, a TLS or SASL refusal (a
+    certificate the CA does not vouch for, a refused mechanism or password)
+    is found by a handshake of our own before the first attempt and after
+    each failure, and logged at error level naming the broker, the file and
+    the reason on every retry; with a timeout (or ``security_fatal``) it ends
+    the wait at once with a KafkaSecurityError.
+    """
+    if security_fatal is None:
+        security_fatal = timeout is not None
     delay = 0.5
     deadline = time.monotonic() + timeout if timeout is not None else None
+    # A handshake of our own first: kafka-python would retry for its whole
+    # bootstrap timeout (30 s) before failing without saying why.
+    problem = security_problem(kafka) if kafka is not None and (kafka.uses_tls or kafka.uses_sasl) \
+        else None
     while True:
-        try:
-            return action()
-        except KafkaError as exc:
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise BusError(f"could not {what}: {exc}") from None
-            log.warning("could not %s (%s); retrying in %.1f s", what, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10)
+        if problem is None:     # after a diagnosis, always try the real client again
+            try:
+                return action()
+            except PasswordError as exc:
+                problem = str(exc)
+            except KafkaError as exc:
+                problem = security_problem(kafka)
+                reason = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            if security_fatal or (deadline is not None and time.monotonic() + delay > deadline):
+                raise KafkaSecurityError(f"could not {what}: {problem}; {SECURITY_HINT}")
+            log.error("could not %s: %s; retrying in %.1f s; %s", what, problem, delay,
+                      SECURITY_HINT)
+            problem = None
+        elif deadline is not None and time.monotonic() + delay > deadline:
+            raise BusError(f"could not {what}: {reason}") from None
+        else:
+            log.warning("could not %s (%s); retrying in %.1f s", what, reason, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 10)
 
 
 def await_ack(future, what: str, timeout: float = 120, every: float = 5):
@@ -151,21 +272,28 @@ def await_ack(future, what: str, timeout: float = 120, every: float = 5):
 class Announcer:
     """Sends announcements and returns only once the broker has them."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, pipeline: str,
-                 max_request_size: int = 1_000_000):
+    def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, pipeline: str,
+                 max_request_size: int = 1_000_000, signing_key: bytes | None = None):
         self.topic = topic
         self.partitions = partitions
+        self.signing_key = signing_key
         self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=0, retries=5,
+            **client_kwargs(kafka), acks="all", linger_ms=0, retries=5,
             max_request_size=max(max_request_size, 1_000_000), client_id=f"spot-master-{pipeline}")
-        self.balancer = PartitionBalancer(bootstrap, topic, partitions, group_id(pipeline))
+        try:
+            self.balancer = PartitionBalancer(kafka, topic, partitions, group_id(pipeline))
+        except BaseException:
+            self.producer.close(timeout=5)
+            raise
 
     def announce(self, record: Announcement, partition: int | None = None,
                  timeout: float = 120) -> tuple[int, int]:
         if partition is None:
             partition = self.balancer.choose()
         record.announced_at = int(time.time() * 1000)
-        future = self.producer.send(self.topic, record.encode(), partition=partition)
+        value = record.encode()
+        headers = [(SIGNATURE_HEADER, sign(self.signing_key, value))] if self.signing_key else None
+        future = self.producer.send(self.topic, value, partition=partition, headers=headers)
         meta = await_ack(future, f"announcement of {record.original_name or 'end of run'}", timeout)
         self.balancer.sent(partition)
         return meta.partition, meta.offset
@@ -193,9 +321,9 @@ class PartitionBalancer:
 
     REFRESH_SECONDS = 5.0
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, group: str):
+    def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, group: str):
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+        self.consumer = KafkaConsumer(**client_kwargs(kafka), group_id=group,
                                       enable_auto_commit=False, client_id=f"{group}-balancer")
         self.lag = [0] * partitions
         self.next_rr = 0
@@ -232,10 +360,10 @@ class PartitionReader:
     """A worker's view of its own partition: assign (no group rebalancing),
     resume from the committed offset, commit explicitly."""
 
-    def __init__(self, bootstrap: str, topic: str, partition: int, pipeline: str):
+    def __init__(self, kafka: KafkaConfig, topic: str, partition: int, pipeline: str):
         self.tp = TopicPartition(topic, partition)
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group_id(pipeline), enable_auto_commit=False,
+            **client_kwargs(kafka), group_id=group_id(pipeline), enable_auto_commit=False,
             auto_offset_reset="earliest", client_id=f"spot-worker-{pipeline}-{partition}",
             max_poll_records=16, request_timeout_ms=15_000)
         self.consumer.assign([self.tp])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError, default_config_path, load
@@ -24,6 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _load(args, check_paths: bool):
     try:
         cfg = load(args.config)
+        os.umask(cfg.umask)    # file_mode and dir_mode for all this process creates
         cfg.pipeline(args.type)
         if check_paths:
             cfg.check_collector_path(args.type)
@@ -91,7 +93,7 @@ def stream_main(argv=None) -> int:
                   pcfg.name, pcfg.type)
         return 2
     try:
-        partitions = ensure_topic(cfg.kafka.bootstrap, pcfg.topic, args.partitions or 1)
+        partitions = ensure_topic(cfg.kafka, pcfg.topic, args.partitions or 1)
     except BusError as exc:
         log.error("%s", exc)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,114 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
+KAFKA_KEYS = (
+    "kafka_server", "kafka_port", "message_size", "embedded_broker",
+    "zookeper_server", "zookeper_port", "zookeeper_server", "zookeeper_port",
+    "security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname",
+    "sasl_mechanism", "sasl_username", "sasl_password_file", "sasl_password_env",
+    "sasl_kerberos_service_name",
+)
+# Keys under which someone might try to write the password itself.
+_PASSWORD_KEYS = ("password", "sasl_password", "sasl_plain_password", "ssl_password")
+
+
+def parse_brokers(server: str, default_port: int | None) -> tuple[tuple[str, int], ...]:
+    """``host1,host2:9093,[::1]:9092`` -> ((host, port), ...); an entry
+    without a port takes ``default_port``. ValueError says what is wrong."""
+    brokers = []
+    for entry in (e.strip() for e in server.split(",")):
+        if not entry:
+            raise ValueError(f"'{server}' has an empty entry; give host, host:port or a "
+                             f"comma-separated list of them")
+        if "://" in entry or "/" in entry or any(c.isspace() for c in entry):
+            raise ValueError(f"'{entry}' is not host or host:port")
+        if entry.startswith("["):                  # [IPv6] or [IPv6]:port
+            if "]" not in entry:
+                raise ValueError(f"'{entry}' lacks the closing ] of an [IPv6 address]")
+            host, _, rest = entry[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"'{entry}' is not [IPv6 address]:port")
+            port = rest[1:] if rest else None
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        else:                                       # a name, or a bare IPv6 address
+            host, port = entry, None
+        if not host:
+            raise ValueError(f"'{entry}' has no host name")
+        if port is None:
+            if default_port is None:
+                raise ValueError(f"'{entry}' has no port and kafka.kafka_port is not set")
+            number = default_port
+        elif port.isdigit() and 0 < int(port) < 65536:
+            number = int(port)
+        else:
+            raise ValueError(f"'{entry}': port '{port}' is not a number from 1 to 65535")
+        brokers.append((host, number))
+    return tuple(brokers)
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
-    server: str
-    port: int
+    """How to reach the broker(s). Never holds a password: only where to read
+    it (``sasl_password_file`` or ``sasl_password_env``), read when a client is
+    made (``spot_ingest.kafka_security.client_kwargs``)."""
+    server: str                 # one host, or a comma-separated list of host[:port]
+    port: int                   # the port of entries that name none
     message_size: int = 900_000
     # New: start a local Kafka-protocol broker (standalone mode only).
     embedded_broker: bool = False
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password_file: Path | None = field(default=None, repr=False)
+    sasl_password_env: str | None = field(default=None, repr=False)
+    sasl_kerberos_service_name: str = "kafka"
+
+    @property
+    def brokers(self) -> tuple[tuple[str, int], ...]:
+        return parse_brokers(self.server, self.port)
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.server}:{self.port}"
+        """The bootstrap list as kafka-python takes it: ``host1:9092,host2:9093``."""
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.brokers)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def password_source(self) -> str:
+        """Where the password comes from, for messages (never the password)."""
+        if self.sasl_password_file:
+            return f"the file {self.sasl_password_file} (kafka.sasl_password_file)"
+        if self.sasl_password_env:
+            return f"the environment variable {self.sasl_password_env} (kafka.sasl_password_env)"
+        return "nowhere (no kafka.sasl_password_file or kafka.sasl_password_env)"
+
+    def to_json(self) -> str:
+        """The settings, for a process that cannot load the configuration file
+        (the streaming job's Spark workers). Holds no password."""
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in self.__dict__.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "KafkaConfig":
+        data = json.loads(text)
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+            if data.get(key):
+                data[key] = Path(data[key])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -53,6 +151,9 @@ class PipelineConfig:
     delete_collected: bool
     # Keys particular to the pipeline type, validated by the pipeline itself.
     options: Any = None
+    # Seconds a tool may spend on one file before it is killed and the file
+    # retried (then set aside): a hung tool must not hold a worker forever.
+    convert_timeout: float | None = 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +170,15 @@ class IngestConfig:
     unusable_pipelines: dict[str, ConfigError] = field(default_factory=dict)
     # The file's JSON as read, for writing a variant of it (the demo's sandbox).
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    # The process umask that gives the configured file_mode and dir_mode to
+    # everything spot-ingest creates (staged files, tables, quarantine, logs).
+    umask: int = 0o027
+    # Staged captures older than this are removed once their rows are in the
+    # table (None: kept forever, as the original did).
+    binary_retention_days: float | None = None
+    # A file holding the HMAC-SHA256 key that signs announcements; workers
+    # then refuse unsigned or badly signed records (None: no signing).
+    signing_key_file: Path | None = None
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name in self.unusable_pipelines:
@@ -126,9 +236,19 @@ class _Reader:
 
 _KIND_NAMES = {
     "str": "a string", "int": "a whole number", "pos_int": "a positive whole number",
-    "num": "a number", "pos_num": "a positive number", "bool": "true or false",
+    "num": "a number", "pos_num": "a positive number", "nonneg_num": "a number of 0 or more",
+    "bool": "true or false",
     "str_list": "a list of strings", "dict": "an object",
 }
+
+
+def _finite(value: int | float) -> bool:
+    """False for NaN, +/-Infinity and integers too large to be a float."""
+    import math
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _coerce(value: Any, kind: str) -> Any:
@@ -148,14 +268,20 @@ def _coerce(value: Any, kind: str) -> Any:
         if kind == "pos_int" and value <= 0:
             raise ValueError
         return value
-    if kind in ("num", "pos_num"):
+    if kind in ("num", "pos_num", "nonneg_num"):
         if isinstance(value, bool):
             raise TypeError
         if isinstance(value, str):
             value = float(value)
         if not isinstance(value, (int, float)):
             raise TypeError
+        # "nan", "inf" (as strings) and JSON's NaN and Infinity, which
+        # Python's json accepts: never a usable interval or size.
+        if not _finite(value):
+            raise ValueError
         if kind == "pos_num" and value <= 0:
+            raise ValueError
+        if kind == "nonneg_num" and value < 0:
             raise ValueError
         return float(value)
     if kind == "bool":
@@ -196,19 +322,9 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         raise ConfigError(f"{path}: expected a JSON object at the top level")
 
     top = _Reader(path, data)
-    kafka = top.section("kafka")
-    for zk_key in ("zookeper_server", "zookeper_port", "zookeeper_server", "zookeeper_port"):
-        if kafka.data.get(zk_key) not in (None, ""):
-            log.info("%s: kafka.%s is ignored: Kafka clients no longer need ZooKeeper", path, zk_key)
-    kafka_cfg = KafkaConfig(
-        server=kafka.get("kafka_server", "str"),
-        port=kafka.get("kafka_port", "pos_int"),
-        message_size=kafka.get("message_size", "pos_int", 900_000),
-        embedded_broker=kafka.get("embedded_broker", "bool", False),
-    )
-
     # Relative paths in the file are relative to the file, not to the cwd.
     base_dir = path.resolve().parent
+    kafka_cfg = _kafka_config(top.section("kafka"), base_dir)
     pipelines = top.section("pipelines")
     known_types = pipeline_registry.known_types()
     parsed, unusable = {}, {}
@@ -223,6 +339,14 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
             continue
         plugin = pipeline_registry.load(ptype)
         collector = _resolve(base_dir, section.get("collector_path", "str"))
+        try:
+            options = plugin.parse_options(section.data,
+                                           lambda key, problem, s=section: s.error(key, problem))
+        except ConfigError as exc:
+            # Like an unknown type: a bad process_opt (or other option of the
+            # type) is reported when this pipeline is used; the others run.
+            unusable[name] = exc
+            continue
         parsed[name] = PipelineConfig(
             name=name,
             type=ptype,
@@ -234,10 +358,11 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
                                         tuple(plugin.default_supported_files)),
             topic=section.get("topic", "str", f"SPOT-INGEST-{name}"),
             worker_processes=section.get("worker_processes", "pos_int", os.cpu_count() or 1),
-            settle_seconds=section.get("settle_seconds", "num", 2.0),
+            settle_seconds=section.get("settle_seconds", "nonneg_num", 2.0),
             max_file_size=section.get("max_file_size", "pos_int", None),
             delete_collected=section.get("delete_collected", "bool", True),
-            options=plugin.parse_options(section.data, lambda key, problem, s=section: s.error(key, problem)),
+            options=options,
+            convert_timeout=section.get("convert_timeout", "pos_num", 3600.0),
         )
     log_dir = _resolve(base_dir, top.get("log_dir", "str", "logs"))
     app_path = top.get("hdfs_app_path", "str")
@@ -257,10 +382,188 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         unusable_pipelines=unusable,
         log_dir=log_dir,
         raw=data,
+        umask=_umask(top),
+        binary_retention_days=top.get("binary_retention_days", "pos_num", None,
+                                      empty_is_default=True),
+        signing_key_file=_signing_key_file(top, base_dir),
     )
 
     return cfg
 
+
+
+def _kafka_config(kafka: _Reader, base_dir: Path) -> KafkaConfig:
+    """The ``kafka`` section: brokers, TLS and SASL, each mistake one line."""
+    for key in kafka.data:
+        if key in _PASSWORD_KEYS:
+            # The value is not repeated: it is a password.
+            raise kafka.error(key, "a password is never written in this file; put it in a file "
+                                   "named by sasl_password_file, or in an environment variable "
+                                   "named by sasl_password_env")
+        if key not in KAFKA_KEYS:
+            raise kafka.error(key, f"unknown key; known keys: {', '.join(sorted(KAFKA_KEYS))}")
+    for zk_key in ("zookeper_server", "zookeper_port", "zookeeper_server", "zookeeper_port"):
+        if kafka.data.get(zk_key) not in (None, ""):
+            log.info("%s: kafka.%s is ignored: Kafka clients no longer need ZooKeeper",
+                     kafka.path, zk_key)
+
+    server = kafka.get("kafka_server", "str")
+    port = kafka.get("kafka_port", "pos_int", None)
+    if port is not None and port > 65535:
+        raise kafka.error("kafka_port", f"{port} is not a port number (1 to 65535)")
+    try:
+        brokers = parse_brokers(server, port)
+    except ValueError as exc:
+        if port is None and "kafka_port is not set" in str(exc):
+            raise kafka.error("kafka_port", "missing key") from None
+        raise kafka.error("kafka_server", str(exc)) from None
+
+    protocol = kafka.get("security_protocol", "str", "PLAINTEXT").upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise kafka.error("security_protocol", f"'{kafka.data['security_protocol']}' is not one "
+                                               f"of {', '.join(SECURITY_PROTOCOLS)}")
+    tls, sasl = protocol in ("SSL", "SASL_SSL"), protocol.startswith("SASL_")
+    given = {k for k, v in kafka.data.items() if v is not None}
+
+    # TLS or SASL settings with a protocol that does not use them are refused,
+    # not ignored: whoever wrote ssl_cafile expects encryption, and whoever
+    # wrote sasl_* expects to authenticate; warning and going on would send
+    # the data (and with SASL_PLAINTEXT, the credentials) in the clear.
+    for key in sorted(given):
+        if key.startswith("ssl_") and not tls:
+            raise kafka.error(key, f"set, but security_protocol is {protocol}, which does not use "
+                                   f"TLS; set security_protocol to SSL or SASL_SSL, or remove {key}")
+        if key.startswith("sasl_") and not sasl:
+            raise kafka.error(key, f"set, but security_protocol is {protocol}, which does not "
+                                   f"authenticate with SASL; set security_protocol to SASL_SSL "
+                                   f"or SASL_PLAINTEXT, or remove {key}")
+    if protocol != "PLAINTEXT" and kafka.get("embedded_broker", "bool", False):
+        raise kafka.error("embedded_broker", f"the embedded broker speaks PLAINTEXT only, but "
+                                             f"security_protocol is {protocol}; set "
+                                             f"embedded_broker to false and run a broker that "
+                                             f"speaks {protocol}")
+
+    def readable_file(key: str) -> Path | None:
+        if not kafka.has(key) or kafka.data[key] is None:
+            return None
+        p = _resolve(base_dir, kafka.get(key, "str"))
+        if not p.exists():
+            raise kafka.error(key, f"file '{p}' does not exist")
+        if not p.is_file():
+            raise kafka.error(key, f"'{p}' is not a file")
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise kafka.error(key, f"file '{p}' cannot be read: {exc.strerror}") from None
+        return p
+
+    cafile, certfile, keyfile = (readable_file(k) for k in ("ssl_cafile", "ssl_certfile",
+                                                              "ssl_keyfile"))
+    if keyfile and not certfile:
+        raise kafka.error("ssl_keyfile", "set without ssl_certfile (the client certificate the "
+                                         "key belongs to)")
+    if tls:
+        _check_tls_files(kafka, cafile, certfile, keyfile)
+
+    mechanism = username = password_file = password_env = None
+    service = "kafka"
+    if sasl:
+        if not kafka.has("sasl_mechanism"):
+            raise kafka.error("sasl_mechanism", f"missing key (security_protocol {protocol} needs "
+                                                f"one of {', '.join(SASL_MECHANISMS)})")
+        mechanism = kafka.get("sasl_mechanism", "str").upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise kafka.error("sasl_mechanism", f"'{kafka.data['sasl_mechanism']}' is not one of "
+                                                f"{', '.join(SASL_MECHANISMS)}")
+        username = kafka.get("sasl_username", "str", None)
+        password_file = readable_file("sasl_password_file")
+        if kafka.has("sasl_password_env"):
+            password_env = kafka.get("sasl_password_env", "str")
+        if mechanism == "GSSAPI":
+            for key in ("sasl_username", "sasl_password_file", "sasl_password_env"):
+                if key in given:
+                    raise kafka.error(key, "not used with GSSAPI (Kerberos authenticates with the "
+                                           "process's ticket or keytab); remove it")
+            service = kafka.get("sasl_kerberos_service_name", "str", "kafka")
+            import importlib.util
+            if importlib.util.find_spec("gssapi") is None:
+                raise kafka.error("sasl_mechanism", "GSSAPI needs the Python package gssapi "
+                                                    "(pip install gssapi; it needs libkrb5-dev)")
+        else:
+            if "sasl_kerberos_service_name" in given:
+                raise kafka.error("sasl_kerberos_service_name", f"only used with GSSAPI, but "
+                                                                f"sasl_mechanism is {mechanism}")
+            if not username:
+                raise kafka.error("sasl_username", f"missing key (sasl_mechanism {mechanism} "
+                                                   f"needs a user name)")
+            if password_file and password_env:
+                raise kafka.error("sasl_password_env", "set together with sasl_password_file; "
+                                                       "give one of them")
+            if not (password_file or password_env):
+                raise kafka.error("sasl_password_file", f"missing key (sasl_mechanism {mechanism} "
+                                                        f"needs a password: give "
+                                                        f"sasl_password_file or sasl_password_env)")
+            if password_file:
+                mode = password_file.stat().st_mode
+                if password_file.stat().st_size == 0:
+                    raise kafka.error("sasl_password_file", f"file '{password_file}' is empty")
+                if mode & 0o077:
+                    log.warning("%s: kafka.sasl_password_file: '%s' can be read by other users "
+                                "(mode %o); chmod 600 it", kafka.path, password_file, mode & 0o777)
+            if password_env:
+                # The value is shown only if it looks like a variable's name:
+                # a password written here by mistake must not reach a log.
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+                    raise kafka.error("sasl_password_env", "is not the name of an environment "
+                                                           "variable (the value is not shown: it "
+                                                           "may be a password)")
+                if not os.environ.get(password_env):
+                    raise kafka.error("sasl_password_env", f"the environment variable "
+                                                           f"{password_env} is not set or empty")
+
+    return KafkaConfig(
+        server=server,
+        port=port if port is not None else brokers[0][1],
+        message_size=_message_size(kafka),
+        embedded_broker=kafka.get("embedded_broker", "bool", False),
+        security_protocol=protocol,
+        ssl_cafile=cafile, ssl_certfile=certfile, ssl_keyfile=keyfile,
+        ssl_check_hostname=kafka.get("ssl_check_hostname", "bool", True),
+        sasl_mechanism=mechanism, sasl_username=username,
+        sasl_password_file=password_file, sasl_password_env=password_env,
+        sasl_kerberos_service_name=service,
+    )
+
+
+def _check_tls_files(kafka: _Reader, cafile: Path | None, certfile: Path | None,
+                     keyfile: Path | None) -> None:
+    """Load the files as the client will, so that a wrong file is named now."""
+    import ssl
+
+    def no_password():
+        raise ssl.SSLError("the key is encrypted")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile:
+        try:
+            ctx.load_verify_locations(str(cafile))
+        except ssl.SSLError as exc:
+            raise kafka.error("ssl_cafile", f"'{cafile}' holds no PEM certificate "
+                                            f"({exc.reason or exc})") from None
+    if certfile:
+        try:
+            # A password callback, so that an encrypted key never makes
+            # OpenSSL prompt on a terminal that a daemon does not have.
+            ctx.load_cert_chain(str(certfile), str(keyfile) if keyfile else None, no_password)
+        except ssl.SSLError as exc:
+            what = "ssl_keyfile" if keyfile else "ssl_certfile"
+            reason = str(exc) if "encrypted" in str(exc) else (exc.reason or str(exc))
+            raise kafka.error(what, f"cannot use '{certfile}'"
+                                    + (f" with '{keyfile}'" if keyfile else "")
+                                    + f" as the client certificate and key: {reason}"
+                                    + ("; decrypt the key (openssl pkey -in KEY -out KEY.plain) "
+                                       "and chmod 600 it" if "encrypted" in reason else "")) from None
 
 
 def _resolve(base_dir: Path, value: str) -> Path:
@@ -273,6 +576,63 @@ def _resolve_location(base_dir: Path, value: str) -> str:
     if "://" in value:
         return value
     return str(_resolve(base_dir, value))
+
+
+MIN_SIGNING_KEY_BYTES = 32
+# A message is parsed in one piece by the streaming job: larger ones made a
+# 1 GB Spark driver die of OutOfMemoryError (50 MB was tried).
+MAX_MESSAGE_SIZE = 16 << 20
+
+
+def _message_size(kafka: _Reader) -> int:
+    size = kafka.get("message_size", "pos_int", 900_000)
+    if size > MAX_MESSAGE_SIZE:
+        raise kafka.error("message_size", f"{size} bytes is above the {MAX_MESSAGE_SIZE} bytes a "
+                                          f"message may have (Kafka's default limit is 1048588)")
+    return size
+
+
+def _signing_key_file(top: _Reader, base_dir: Path) -> Path | None:
+    value = top.get("signing_key_file", "str", None, empty_is_default=True)
+    if value is None:
+        return None
+    path = _resolve(base_dir, value)
+    try:
+        size = len(path.read_bytes().strip())
+    except OSError as exc:
+        raise top.error("signing_key_file", f"cannot read '{path}': {exc.strerror}") from None
+    if size < MIN_SIGNING_KEY_BYTES:
+        raise top.error("signing_key_file", f"'{path}' holds {size} bytes; a key needs at least "
+                                            f"{MIN_SIGNING_KEY_BYTES} (e.g. head -c 32 /dev/urandom "
+                                            f"| base64 > FILE)")
+    return path
+
+
+def read_signing_key(cfg: "IngestConfig") -> bytes | None:
+    """The announcement signing key, read when a master or worker starts."""
+    return cfg.signing_key_file.read_bytes().strip() if cfg.signing_key_file else None
+
+
+def _umask(top: _Reader) -> int:
+    """``file_mode`` and ``dir_mode`` (octal strings, default 0640 and 0750) as
+    one umask: a file gets the directory mode without execute bits."""
+    modes = {}
+    for key, default in (("file_mode", "0640"), ("dir_mode", "0750")):
+        text = top.get(key, "str", default)
+        try:
+            modes[key] = int(text, 8)
+            if not 0 <= modes[key] <= 0o777:
+                raise ValueError
+        except ValueError:
+            raise top.error(key, f"expected an octal mode such as {default}, got "
+                                 f"{json.dumps(text)}") from None
+    if modes["file_mode"] != modes["dir_mode"] & 0o666:
+        raise top.error("file_mode", f"{modes['file_mode']:04o} must be dir_mode "
+                                     f"({modes['dir_mode']:04o}) without its execute bits, i.e. "
+                                     f"{modes['dir_mode'] & 0o666:04o}")
+    if modes["dir_mode"] & 0o700 != 0o700:
+        raise top.error("dir_mode", f"{modes['dir_mode']:04o}: the owner needs rwx (07xx)")
+    return 0o777 & ~modes["dir_mode"]
 
 
 def _spark_options(top: _Reader) -> dict:

@@ -20,3 +20,9 @@ def setup_logging(level: int | str | None = None) -> None:
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own
     # retry loops say what is going on once, with the consequence.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def printable(text: str) -> str:
+    """A name from outside, safe in a log line: control characters escaped,
+    so that a newline in a file name cannot forge a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -29,15 +29,19 @@ from pathlib import Path
 from kafka.errors import KafkaError
 
 from . import pipeline as registry
-from .bus import Announcement, Announcer, BusError, await_ack, ensure_topic
-from .config import IngestConfig, PipelineConfig
-from .logs import setup_logging
-from .store import LocalStore, StagedFile
+from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, await_ack, check_message_size,
+                  ensure_topic, retry_kafka, security_problem)
+from .config import IngestConfig, KafkaConfig, PipelineConfig, read_signing_key
+from .kafka_security import client_kwargs
+from .logs import printable, setup_logging
+from .store import LocalStore, SourceError, StagedFile, set_aside
 from .watcher import CollectorWatcher
 
 log = logging.getLogger("spot_ingest.master")
 
 MAX_BACKOFF = 60.0
+SOURCE_ATTEMPTS = 5     # a file that cannot be read this many times is set aside
+RETENTION_EVERY = 3600.0
 EXIT_OK, EXIT_ERROR, EXIT_FILES_FAILED = 0, 1, 3
 
 
@@ -58,8 +62,19 @@ class _Work:
     retry_at: float = 0.0
     future: Future | None = None
     staged: list[StagedFile] = field(default_factory=list)
+    damage: str | None = None
     announced: int = 0
     published: tuple[int, int] | None = None
+    taken: tuple | None = None        # the file's fingerprint when it was taken
+
+
+def fingerprint(path: Path) -> tuple | None:
+    """What tells whether a collector file changed: device, inode, size, mtime."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _check_size(path: Path, pcfg: PipelineConfig) -> None:
@@ -70,8 +85,14 @@ def _check_size(path: Path, pcfg: PipelineConfig) -> None:
         raise RejectedFile(f"{size} bytes is above max_file_size ({pcfg.max_file_size})")
 
 
+@dataclass
+class Staged:
+    pieces: list[StagedFile]
+    damage: str | None = None     # the readable part was staged; the original is kept
+
+
 def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
-               store_location: str) -> list[StagedFile]:
+               store_location: str) -> Staged:
     """Split (if the pipeline does) and copy into the store. Runs in a staging process."""
     _check_size(path, pcfg)
     plugin = registry.load(pcfg.type)
@@ -79,13 +100,17 @@ def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineCon
     scratch = plugin.scratch_dir(pcfg)
     scratch.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{pcfg.name}-split-", dir=scratch))
+    damage = None
     try:
-        pieces = plugin.split(path, workdir, pcfg)
+        try:
+            pieces = plugin.split(path, workdir, pcfg)
+        except registry.DamagedInputError as exc:
+            pieces, damage = exc.pieces, str(exc)
         staged = []
         for i, piece in enumerate(pieces):
             name = relative if len(pieces) == 1 else f"{relative}.{i:05d}"
             staged.append(store.stage(piece, pcfg.type, name, collected_at))
-        return staged
+        return Staged(staged, damage)
     except registry.BadInputError as exc:
         raise RejectedFile(str(exc)) from None
     finally:
@@ -95,21 +120,34 @@ def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineCon
 _producer = None
 
 
-def publish_file(path: Path, relative: str, pcfg: PipelineConfig, bootstrap: str,
+def publish_file(path: Path, relative: str, pcfg: PipelineConfig, kafka: KafkaConfig,
                  partitions: int, max_bytes: int) -> tuple[int, int]:
     """delivery == "records": publish the file's messages, each acknowledged
     before the next (so each is a batch of its own on the broker). Runs in a
-    staging process. Returns (messages, items set aside)."""
+    staging process. Returns (messages, items set aside). The pipeline keeps
+    how far each file was published in ``<local_staging>/published/<pipeline>/``,
+    so a file offered again after it grew is published from there on; a file
+    it cannot read (a corrupt .gz) is rejected before any of it is published."""
     global _producer
     _check_size(path, pcfg)
     if _producer is None:
         from kafka import KafkaProducer
-        _producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
+        _producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0,
                                   max_request_size=max(max_bytes, 1_000_000),
                                   client_id=f"spot-master-{pcfg.name}")
     plugin = registry.load(pcfg.type)
     messages = set_aside = 0
-    for item in plugin.records(path, relative, max_bytes):
+    items = plugin.records(path, relative, max_bytes,
+                           state_dir=pcfg.local_staging / "published" / pcfg.name)
+    while True:
+        try:
+            item = next(items, None)
+        except registry.BadInputError as exc:
+            if messages:    # the contract: raised before anything is published
+                raise
+            raise RejectedFile(str(exc)) from None
+        if item is None:
+            break
         if hasattr(item, "value"):
             await_ack(_producer.send(pcfg.topic, item.value, partition=messages % partitions,
                                      headers=item.headers), f"message {messages} of {relative}")
@@ -123,17 +161,10 @@ def publish_file(path: Path, relative: str, pcfg: PipelineConfig, bootstrap: str
 
 
 def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason: str) -> Path:
-    """Set input aside on the collector host, with a note saying why."""
-    dest_dir = pcfg.local_staging / "quarantine" / pcfg.name
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / name
-    if isinstance(data, Path):
-        shutil.move(data, dest)
-    else:
-        dest.write_bytes(data)
-    (dest_dir / f"{name}.reason.txt").write_text(
-        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{reason}\n", encoding="utf-8")
-    return dest
+    """Set input aside on the collector host, with a note saying why, under a
+    name that no earlier item holds (two files of the same name from different
+    subdirectories both survive)."""
+    return set_aside(pcfg.local_staging / "quarantine" / pcfg.name, name, data, reason)
 
 
 def _init_staging_process(level) -> None:
@@ -174,9 +205,10 @@ class Ledger:
                                .splitlines())
 
     @staticmethod
-    def key(path: Path) -> str:
-        st = path.stat()
-        return f"{os.fsencode(path).hex()} {st.st_size} {st.st_mtime_ns}"
+    def key(path: Path, taken: tuple | None = None) -> str:
+        size, mtime_ns = (taken[2], taken[3]) if taken else (path.stat().st_size,
+                                                              path.stat().st_mtime_ns)
+        return f"{os.fsencode(path).hex()} {size} {mtime_ns}"
 
     def __contains__(self, path: Path) -> bool:
         try:
@@ -184,8 +216,9 @@ class Ledger:
         except FileNotFoundError:
             return False
 
-    def add(self, path: Path) -> None:
-        key = self.key(path)
+    def add(self, path: Path, taken: tuple | None = None) -> None:
+        """Record ``path`` as ingested in the state it had when it was taken."""
+        key = self.key(path, taken)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(key + "\n")
             f.flush()
@@ -205,8 +238,9 @@ class Master:
         self.host = socket.gethostname()
         self.stopping = False
         self.work: dict[str, _Work] = {}
-        self.counts = {"announced": 0, "rejected": 0, "pieces": 0, "set_aside": 0}
+        self.counts = {"announced": 0, "rejected": 0, "pieces": 0, "set_aside": 0, "changed": 0}
         self.last_waiting_note = time.monotonic()
+        self.retention_run = float("-inf")
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
@@ -226,12 +260,19 @@ class Master:
         if not self.pcfg.collector_path.is_dir():
             raise MasterError(f"collector_path {self.pcfg.collector_path} of pipeline "
                               f"{self.pcfg.name} does not exist")
-        removed = LocalStore(self.cfg.hdfs_app_path).clean_incoming(self.pcfg.type)
+        store = self.store = LocalStore(self.cfg.hdfs_app_path)
+        store.mark()
+        removed = store.clean_incoming(self.pcfg.type)
         if removed:
             log.info("removed %d partial copy(ies) left in the store by a killed master", removed)
-        partitions = ensure_topic(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers)
-        self.announcer = Announcer(self.cfg.kafka.bootstrap, self.pcfg.topic, self.workers,
-                                   self.pcfg.name, self.cfg.kafka.message_size)
+        kafka = self.cfg.kafka
+        partitions = ensure_topic(kafka, self.pcfg.topic, self.workers)
+        if self.plugin.delivery == "records":
+            check_message_size(kafka, self.pcfg.topic)
+        self.announcer = retry_kafka(
+            lambda: Announcer(kafka, self.pcfg.topic, self.workers, self.pcfg.name,
+                              kafka.message_size, signing_key=read_signing_key(self.cfg)),
+            f"connect to Kafka at {kafka.bootstrap}", kafka=kafka)
         self.ledger = None if self.pcfg.delete_collected else Ledger(self.pcfg)
         self.watcher = CollectorWatcher(self.pcfg.collector_path, self.pcfg.supported_files,
                                         self.pcfg.settle_seconds, watch=not self.once)
@@ -270,18 +311,44 @@ class Master:
         log.info("announced the end of run %s on %d partition(s)", self.run_id, self.workers)
 
     def _with_retry(self, action, what: str):
+        """``action()`` until the broker takes it; gives up (None) on a stop request."""
         delay = 1.0
-        while True:
+        while not self.stopping:
             try:
                 return action()
-            except KafkaError as exc:
-                log.warning("could not %s (%s: %s); retrying in %.0f s", what,
-                            type(exc).__name__, exc, delay)
-                time.sleep(delay)
+            except (KafkaError, BusError) as exc:
+                problem = security_problem(self.cfg.kafka)
+                if problem:   # will not fix itself: say so loudly, on every retry
+                    log.error("could not %s: %s; retrying in %.0f s; %s", what, problem, delay,
+                              SECURITY_HINT)
+                else:
+                    log.warning("could not %s (%s: %s); retrying in %.0f s", what,
+                                type(exc).__name__, exc, delay)
+                deadline = time.monotonic() + delay
+                while not self.stopping and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 delay = min(delay * 2, MAX_BACKOFF)
+        log.warning("stopped before the broker took it: could not %s", what)
+        return None
+
+    def _expire_staged(self) -> None:
+        """binary_retention_days: once an hour, remove old staged files whose rows are in."""
+        days = self.cfg.binary_retention_days
+        if not days or time.monotonic() - self.retention_run < RETENTION_EVERY:
+            return
+        self.retention_run = time.monotonic()
+        try:
+            removed = self.store.expire_staged(self.pcfg.type, days)
+        except OSError as exc:
+            log.warning("could not remove staged files older than %g days: %s", days, exc)
+            return
+        if removed:
+            log.info("removed %d staged file(s) older than %g days whose rows are in the table",
+                     removed, days)
 
     def _step(self) -> None:
         now = time.monotonic()
+        self._expire_staged()
         for path in self.watcher.ready():
             key = str(path)
             if key in self.work:
@@ -300,9 +367,10 @@ class Master:
         for key, item in self.work.items():
             if item.future is None and not item.staged and item.retry_at <= now \
                     and in_progress < self.cfg.collector_processes * 2:
+                item.taken = fingerprint(item.path)
                 if self.plugin.delivery == "records":
                     item.future = self.pool.submit(publish_file, item.path, item.relative,
-                                                   self.pcfg, self.cfg.kafka.bootstrap,
+                                                   self.pcfg, self.cfg.kafka,
                                                    self.workers, self.cfg.kafka.message_size)
                 else:
                     item.future = self.pool.submit(stage_file, item.path, item.relative,
@@ -329,18 +397,27 @@ class Master:
                 self.counts["announced"] += 1
                 self.counts["pieces"] += messages
                 self.counts["set_aside"] += set_aside
-                log.info("published %s as %d message(s)%s", item.relative, messages,
+                log.info("published %s as %d message(s)%s", printable(item.relative), messages,
                          f"; {set_aside} line(s) set aside" if set_aside else "")
                 self._done(key, item)
                 return
-            item.staged = fut.result()
+            result = fut.result()
+            item.staged, item.damage = result.pieces, result.damage
+            if not item.staged:    # nothing readable at all
+                self._reject(key, item, item.damage or "no data")
+                return
         except RejectedFile as exc:
             self._reject(key, item, str(exc))
         except FileNotFoundError:
-            log.info("%s disappeared before it was staged", item.path)
+            log.info("%s disappeared before it was staged", printable(str(item.path)))
             self._forget(key)
+        except SourceError as exc:
+            if item.attempts + 1 >= SOURCE_ATTEMPTS:
+                self._reject(key, item, f"{exc}, {SOURCE_ATTEMPTS} times")
+            else:
+                self._backoff(item, f"could not read {printable(str(item.path))}", exc)
         except Exception as exc:
-            self._backoff(item, f"could not stage {item.path}", exc)
+            self._backoff(item, f"could not stage {printable(str(item.path))}", exc)
 
     def _announce(self, key: str, item: _Work) -> None:
         count = len(item.staged)
@@ -353,24 +430,46 @@ class Master:
                 collected_at=int(item.collected_at * 1000), collector_host=self.host,
                 chunk_index=item.announced, chunk_count=count,
                 source_sha256=None, run_id=self.run_id)
+            try:   # what cannot be decoded must never be sent (and its file forgotten)
+                Announcement.decode(record.encode())
+            except Exception as exc:
+                self._reject(key, item, f"cannot be announced: the record does not decode "
+                                        f"({type(exc).__name__}: {exc}); collected_at "
+                                        f"{record.collected_at} ms")
+                return
             try:
                 partition, offset = self.announcer.announce(record)
             except (KafkaError, BusError) as exc:
-                self._backoff(item, f"could not announce {item.relative}", exc)
+                self._backoff(item, f"could not announce {printable(item.relative)}", exc)
                 return
             log.debug("announced %s at partition %d offset %d", piece.location, partition, offset)
             item.announced += 1
         self.counts["announced"] += 1
         self.counts["pieces"] += count
-        log.info("staged and announced %s (%d piece%s, %d bytes)", item.relative, count,
+        log.info("staged and announced %s (%d piece%s, %d bytes)", printable(item.relative), count,
                  "" if count == 1 else "s", sum(p.size for p in item.staged))
         self._done(key, item)
 
     def _done(self, key: str, item: _Work) -> None:
-        """The store and the broker hold the file: the collector may let it go."""
+        """The store and the broker hold the file: the collector may let it go,
+        unless it changed since it was taken (a writer appended after a pause
+        longer than settle_seconds): then it stays, to be taken again."""
+        if item.damage:
+            # The readable part is announced; the original is kept, with the reason.
+            self._reject(key, item, item.damage, partly_loaded=True)
+            return
+        now = fingerprint(item.path)
+        if now is not None and now != item.taken:
+            self.counts["changed"] += 1
+            log.warning("%s changed while it was being ingested (%d -> %d bytes); kept in the "
+                        "collector directory and taken again once it settles", printable(item.relative),
+                        item.taken[2] if item.taken else 0, now[2])
+            self.work.pop(key, None)
+            self.watcher.requeue(key)
+            return
         try:
             if self.ledger is not None:
-                self.ledger.add(item.path)
+                self.ledger.add(item.path, item.taken)
             else:
                 item.path.unlink()
         except FileNotFoundError:
@@ -381,18 +480,24 @@ class Master:
         item.attempts += 1
         delay = min(MAX_BACKOFF, 2.0 ** item.attempts)
         item.retry_at = time.monotonic() + delay
+        problem = security_problem(self.cfg.kafka) if isinstance(exc, KafkaError) else None
+        if problem:   # TLS or SASL refuses: it will not fix itself, say so loudly
+            log.error("%s: %s; retry %d in %.0f s; the file stays in the collector directory; %s",
+                      what, problem, item.attempts, delay, SECURITY_HINT)
+            return
         log.warning("%s (%s: %s); retry %d in %.0f s; the file stays in the collector directory",
                     what, type(exc).__name__, exc, item.attempts, delay)
 
-    def _reject(self, key: str, item: _Work, reason: str) -> None:
+    def _reject(self, key: str, item: _Work, reason: str, partly_loaded: bool = False) -> None:
         dest = None
         try:
             dest = quarantine_local(self.pcfg, item.path.name, item.path,
                                     f"collected as: {item.path}\n{reason}")
         except OSError as exc:
-            log.error("could not set %s aside: %s", item.path, exc)
-        log.error("rejected %s: %s; moved to %s", item.path, reason, dest)
-        self.counts["rejected"] += 1
+            log.error("could not set %s aside: %s", printable(str(item.path)), exc)
+        what = "announced the readable part of" if partly_loaded else "rejected"
+        log.error("%s %s: %s; moved to %s", what, printable(str(item.path)), reason, dest)
+        self.counts["set_aside" if partly_loaded else "rejected"] += 1
         self._forget(key)
 
     def _forget(self, key: str) -> None:

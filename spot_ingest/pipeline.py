@@ -51,6 +51,17 @@ class BadInputError(Exception):
     """The input file cannot be converted; it is quarantined with this message."""
 
 
+class DamagedInputError(BadInputError):
+    """Only part of the input is readable (``split`` found damage or a cut):
+    ``pieces`` hold that part. The master stages and announces the pieces, and
+    sets the original aside with this message instead of deleting it, so that
+    what could not be read is kept and the loss is reported."""
+
+    def __init__(self, message: str, pieces: list[Path]):
+        super().__init__(message)
+        self.pieces = pieces
+
+
 class ToolMissingError(Exception):
     """An external program the pipeline needs is not installed."""
 
@@ -90,10 +101,15 @@ class Pipeline:
     def convert(self, path: Path, cfg) -> Iterator[pa.RecordBatch]:
         raise NotImplementedError
 
-    def records(self, path: Path, relative: str, max_bytes: int):
+    def records(self, path: Path, relative: str, max_bytes: int, state_dir: Path | None = None):
         """delivery == "records": yield messages (``value``, ``headers``) of at
         most ``max_bytes``, or items with ``line_no``/``data``/``reason`` for
-        input that must be set aside. Deterministic for the same file."""
+        input that must be set aside. Deterministic for the same file. Raise
+        ``BadInputError`` (before yielding anything) for a file that cannot
+        be read; the master sets it aside. ``state_dir``: a directory of the
+        master's where the pipeline may remember how far a file was published
+        (a file that grew is offered again); the master asks for the next item
+        only after the broker acknowledged the previous message."""
         raise NotImplementedError
 
     def run_stream(self, cfg, pcfg, partitions: int, run_id: str | None,

@@ -8,8 +8,17 @@ checkpoint, so a restarted query resumes exactly where its last committed
 micro-batch ended: with an idempotent sink, each record is applied once.
 
     spark.dataSource.register(KafkaSource)
-    spark.readStream.format("spot_kafka").option("bootstrap", "host:9092")
+    spark.readStream.format("spot_kafka").option("kafka", cfg.kafka.to_json())
          .option("topic", "t").option("group", "g").load()
+
+``kafka`` is the pipeline's ``KafkaConfig`` as JSON: brokers, TLS and SASL
+settings, and where the password is (a file or an environment variable),
+never the password itself, so that no Spark option, plan or log holds it.
+Each Python worker reads the password when it makes its consumer (with
+``spot_ingest.kafka_security.client_kwargs``, as every other client): on a
+cluster, the file must exist on the executors, or the variable be set there
+(``spark.executorEnv.NAME``). ``bootstrap`` (host:port, PLAINTEXT) is still
+accepted in its place.
 
 Schema: partition INT, offset BIGINT, timestamp BIGINT (ms), value BINARY,
 headers MAP<STRING, STRING>. ``group`` (optional) is a consumer group to which
@@ -44,17 +53,33 @@ class KafkaRange(InputPartition):
 
 class KafkaStreamReader(DataSourceStreamReader):
     def __init__(self, options: dict):
-        self.bootstrap = options["bootstrap"]
+        from spot_ingest.config import KafkaConfig
+        if options.get("kafka"):
+            self.kafka = KafkaConfig.from_json(options["kafka"])
+        else:
+            self.kafka = KafkaConfig(options["bootstrap"], 9092)
         self.topic = options["topic"]
         self.group = options.get("group")
         self._consumer = None
 
-    def _client(self):
+    def _consumer_for(self, **kwargs):
+        """A KafkaConsumer with the configured TLS/SASL settings; a refusal
+        that waiting will not cure is reported with its reason."""
         from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        from spot_ingest.kafka_security import client_kwargs, diagnose
+        try:
+            return KafkaConsumer(**client_kwargs(self.kafka), **kwargs)
+        except KafkaError as exc:
+            problem = diagnose(self.kafka)
+            raise RuntimeError(f"could not connect to Kafka at {self.kafka.bootstrap}: "
+                               f"{problem or f'{type(exc).__name__}: {exc}'}") from None
+
+    def _client(self):
         if self._consumer is None:
-            self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap,
-                                           enable_auto_commit=False, group_id=self.group,
-                                           client_id="spot-spark-driver")
+            self._consumer = self._consumer_for(enable_auto_commit=False, group_id=self.group,
+                                                client_id="spot-spark-driver")
         return self._consumer
 
     def _ends(self) -> dict:
@@ -77,10 +102,10 @@ class KafkaStreamReader(DataSourceStreamReader):
                 if int(e) > int(start.get(p, 0))]
 
     def read(self, partition: KafkaRange):
-        from kafka import KafkaConsumer, TopicPartition
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                 group_id=None, client_id="spot-spark-reader",
-                                 max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+        from kafka import TopicPartition
+        consumer = self._consumer_for(enable_auto_commit=False, group_id=None,
+                                      client_id="spot-spark-reader",
+                                      max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
         tp = TopicPartition(partition.topic, partition.partition)
         consumer.assign([tp])
         consumer.seek(tp, partition.start)
@@ -103,7 +128,7 @@ class KafkaStreamReader(DataSourceStreamReader):
                         pa.array([r.offset for r in rows], pa.int64()),
                         pa.array([r.timestamp for r in rows], pa.int64()),
                         pa.array([r.value for r in rows], pa.binary()),
-                        pa.array([[(k, v.decode("utf-8", "replace")) for k, v in (r.headers or [])]
+                        pa.array([[(k, (v or b"").decode("utf-8", "replace")) for k, v in (r.headers or [])]
                                   for r in rows], pa.map_(pa.string(), pa.string())),
                     ], schema=_ARROW_SCHEMA)
                 position = records[-1].offset + 1

@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load(args.config)
+        os.umask(cfg.umask)
         pcfg = cfg.pipeline(args.pipeline)
         plugin = registry.load(pcfg.type)
         plugin.check_tools()
@@ -184,12 +186,15 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
-        if cfg.kafka.embedded_broker and not is_listening(cfg.kafka.server, cfg.kafka.port):
-            broker = EmbeddedBroker(cfg.kafka.server, cfg.kafka.port,
-                                    log_file=cfg.log_dir / "broker.log")
+        # The embedded broker takes the first (or only) bootstrap address.
+        host, port = cfg.kafka.brokers[0]
+        if cfg.kafka.embedded_broker and not is_listening(host, port):
+            broker = EmbeddedBroker(host, port, log_file=cfg.log_dir / "broker.log")
             cfg.log_dir.mkdir(parents=True, exist_ok=True)
             broker.start()
-        ensure_topic(cfg.kafka.bootstrap, pcfg.topic, args.workers)
+        # A TLS or SASL refusal ends the run here, with its reason, instead of
+        # master and workers retrying it for ever.
+        ensure_topic(cfg.kafka, pcfg.topic, args.workers, security_fatal=True)
         run_id = uuid.uuid4().hex if once else None
         extra = ["--run-id", run_id] if run_id else []
         if plugin.consumer == "streaming":

@@ -2,8 +2,10 @@
 
 Layout under ``hdfs_app_path`` (as in the original Spot ingest):
 
+    .spot-ingest-store                                 marker: the store is there
     <type>/binary/YYYYMMDD/HH/<sha256 prefix>-<name>    staged captures
     <type>/quarantine/YYYYMMDD/<name> + <name>.reason.txt
+    <type>/refused/YYYYMMDD/<topic>-p<N>-o<offset>.json announcements a worker refused
     <type>/_incoming/                                  partial copies (ignored)
 
 A staged file appears under its final name only once it is complete (copy to
@@ -11,29 +13,63 @@ A staged file appears under its final name only once it is complete (copy to
 the same content twice lands on the same name. This module handles local
 paths and ``file://`` URIs, which is also how an HDFS NFS gateway mount or
 any shared filesystem is used.
+
+Announcements name a staged file by its path relative to the store root, so
+hosts may mount the store at different places. A worker trusts nothing in an
+announcement: ``open_staged`` accepts only a regular file under
+``<type>/binary/``, reached without following any symlink, and everything the
+worker moves or writes stays inside the store's own areas. The marker file
+tells "the store is not mounted right now" (wait and retry) from "this file
+is gone" (refuse the announcement with a reason).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 COPY_CHUNK = 1 << 20
+MARKER = ".spot-ingest-store"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_STAGED_PART_RE = re.compile(r"[A-Za-z0-9._+=@-]{1,255}")
+MAX_STAGED_PATH = 4096
 
 
 class StoreError(Exception):
     pass
 
 
+class SourceError(StoreError):
+    """The file to stage cannot be read: a fault of the file, not of the store."""
+
+
+def _read_source(src, source) -> bytes:
+    try:
+        return src.read(COPY_CHUNK)
+    except OSError as exc:
+        raise SourceError(f"cannot read {source}: {exc.strerror}") from None
+
+
+class StoreUnavailable(StoreError):
+    """The store is not reachable now (e.g. its mount is down): retry later."""
+
+
+class RefusedInput(Exception):
+    """An announcement (or what it names) fails a check: it is refused, with
+    this reason, and the file it names is left untouched."""
+
+
 @dataclass(frozen=True)
 class StagedFile:
-    location: str
+    location: str      # relative to the store root
     size: int
     sha256: str
 
@@ -57,6 +93,15 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+=@-]", "_", name).lstrip("-.") or "_"
 
 
+def bounded_name(name: str, limit: int = 180) -> str:
+    """``name`` cut to ``limit`` characters, a hash of the whole keeping it
+    unique: no file system refuses it (NAME_MAX is 255 bytes)."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{name.encode()[:limit - 17].decode('utf-8', 'ignore')}+{digest}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -65,9 +110,137 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unique_path(dest_dir: Path, name: str) -> Path:
+    """``dest_dir/name``, or ``name.1``, ``name.2`` ... : never an existing file
+    (the name is reserved by creating it empty, atomically)."""
+    for n in range(10_000):
+        candidate = dest_dir / (name if n == 0 else f"{name}.{n}")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise StoreError(f"{dest_dir}: no free name for {name}")
+
+
+def set_aside(dest_dir: Path, name: str, data: bytes | Path, reason: str) -> Path:
+    """Put input aside in ``dest_dir`` under a name no earlier item holds, with
+    ``<name>.reason.txt`` beside it; a Path is moved, bytes are written."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = unique_path(dest_dir, bounded_name(safe_name(name)))
+    if isinstance(data, Path):
+        os.replace(data, dest) if _same_fs(data, dest_dir) else shutil.move(data, dest)
+        # A file moved in keeps the mode its writer gave it: give it ours.
+        os.chmod(dest, 0o666 & ~_current_umask())
+    else:
+        dest.write_bytes(data)
+    (dest.parent / f"{dest.name}.reason.txt").write_text(
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{reason}\n", encoding="utf-8")
+    return dest
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
 class LocalStore:
     def __init__(self, location: str):
         self.root = local_root(location)
+
+    # -- the marker ----------------------------------------------------------
+    def mark(self) -> None:
+        """Create the store's marker (the master does, at start)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if not marker.exists():
+            marker.write_text("spot-ingest store: workers treat a missing file as gone only "
+                              "while this marker is visible\n", encoding="utf-8")
+
+    def check_reachable(self) -> None:
+        if not (self.root / MARKER).is_file():
+            raise StoreUnavailable(f"the store {self.root} is not reachable ({MARKER} is missing; "
+                                   f"is its mount up?)")
+
+    # -- announcements -------------------------------------------------------
+    def staged_relative(self, location: str, ptype: str) -> str:
+        """The announced location as a path relative to the store root, checked:
+        under ``<ptype>/binary/``, no ``..``, no odd characters. An absolute path
+        is accepted only inside this store (announcements of older masters)."""
+        if not location or len(location) > MAX_STAGED_PATH or "\x00" in location:
+            raise RefusedInput("staged path is empty, too long or holds a NUL byte")
+        if location.startswith("file://"):
+            location = location[len("file://"):]
+        path = PurePosixPath(location)
+        if path.is_absolute():
+            root = PurePosixPath(str(self.root))
+            if not path.is_relative_to(root):   # lexical: ".." is refused below
+                raise RefusedInput(f"staged path {location!r} is outside the store {self.root}")
+            path = path.relative_to(root)
+        parts = path.parts
+        if len(parts) < 3 or parts[0] != ptype or parts[1] != "binary":
+            raise RefusedInput(f"staged path {location!r} is not under {ptype}/binary/ in the store")
+        for part in parts:
+            if part in (".", "..") or not _STAGED_PART_RE.fullmatch(part):
+                raise RefusedInput(f"staged path {location!r} has a part that no staged file has "
+                                   f"({part!r})")
+        return str(path)
+
+    def open_staged(self, relative: str) -> int:
+        """Open a staged file for reading without following any symlink and
+        return the descriptor; refuse anything but a regular file. A missing
+        file is "gone" only while the store itself is reachable."""
+        flags_dir = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreUnavailable(f"the store {self.root} is not reachable: {exc.strerror}") from None
+        parts = relative.split("/")
+        try:
+            for part in parts[:-1]:
+                nxt = os.open(part, flags_dir, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            # O_NONBLOCK: a FIFO must not hang the open.
+            file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                              dir_fd=fd)
+        except FileNotFoundError:
+            self.check_reachable()
+            raise RefusedInput(f"staged file {relative} is not in the store {self.root}") from None
+        except OSError as exc:   # ELOOP (a symlink), ENOTDIR, EACCES...
+            raise RefusedInput(f"staged path {relative} cannot be opened safely: "
+                               f"{exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise RefusedInput(f"staged path {relative} is not a regular file")
+        os.set_blocking(file_fd, True)
+        return file_fd
+
+    def refuse(self, ptype: str, topic: str, partition: int, offset: int, reason: str,
+               record: dict) -> Path:
+        """Keep a refused announcement as a dead-letter record with its reason."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        dest_dir = self.root / ptype / "refused" / day
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / f"{safe_name(topic)}-p{partition}-o{offset}.json"
+        tmp = dest_dir / f".{dest.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({
+            "refused_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "topic": topic, "partition": partition, "offset": offset, "reason": reason,
+            "record": record}, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)
+        return dest
 
     def stage(self, source: Path, ptype: str, relative_name: str, collected_at: float) -> StagedFile:
         """Copy ``source`` into the store, hashing it on the way; return where it is."""
@@ -77,8 +250,14 @@ class LocalStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(COPY_CHUNK):
+            try:
+                src = open(source, "rb")
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise SourceError(f"cannot read {source}: {exc.strerror}") from None
+            with src, open(tmp, "wb") as dst:
+                while chunk := _read_source(src, source):
                     digest.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
@@ -88,15 +267,15 @@ class LocalStore:
             stamp = time.gmtime(collected_at)
             rel = Path(relative_name)
             final = (self.root / ptype / "binary" / time.strftime("%Y%m%d", stamp)
-                     / time.strftime("%H", stamp) / safe_name(str(rel.parent))
-                     / f"{sha[:16]}-{safe_name(rel.name)}")
+                     / time.strftime("%H", stamp) / bounded_name(safe_name(str(rel.parent)))
+                     / f"{sha[:16]}-{bounded_name(safe_name(rel.name))}")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return StagedFile(str(final), size, sha)
+        return StagedFile(str(final.relative_to(self.root)), size, sha)
 
     def clean_incoming(self, ptype: str) -> int:
         """Remove partial copies that a killed master of this host left behind."""
@@ -113,23 +292,57 @@ class LocalStore:
                         removed += 1
         return removed
 
-    def local_path(self, location: str) -> Path:
-        """A path a worker can read the staged file from."""
-        return local_root(location) if location.startswith("file://") else Path(location)
+    # -- retention -----------------------------------------------------------
+    def mark_loaded(self, ptype: str, sha256: str) -> None:
+        """Record that a staged file's rows are in the table (for retention)."""
+        loaded = self.root / ptype / "_loaded"
+        loaded.mkdir(parents=True, exist_ok=True)
+        (loaded / sha256[:16]).touch()
 
-    def quarantine(self, location: str, ptype: str, reason: str) -> Path:
-        """Move a staged file aside with a note saying why; return its new path."""
-        src = self.local_path(location)
+    def expire_staged(self, ptype: str, older_than_days: float, now: float | None = None) -> int:
+        """Remove staged files older than ``older_than_days`` whose rows are in
+        the table (a worker marked them loaded); return how many. Files never
+        loaded (still waiting, refused, or lost announcements) are kept."""
+        cutoff = (now or time.time()) - older_than_days * 86400
+        binary, loaded = self.root / ptype / "binary", self.root / ptype / "_loaded"
+        removed = 0
+        if not binary.is_dir():
+            return 0
+        for dirpath, _, files in os.walk(binary, topdown=False):
+            for name in files:
+                path = Path(dirpath) / name
+                marker = loaded / name.split("-", 1)[0]
+                try:
+                    if path.lstat().st_mtime < cutoff and marker.exists():
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+            if dirpath != str(binary):
+                try:
+                    os.rmdir(dirpath)      # only when empty
+                except OSError:
+                    pass
+        if loaded.is_dir():
+            for marker in loaded.iterdir():
+                try:
+                    if marker.stat().st_mtime < cutoff:
+                        marker.unlink()
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    def local_path(self, relative: str) -> Path:
+        """Where a checked staged path (see ``staged_relative``) is on this host."""
+        return self.root / relative
+
+    def quarantine(self, relative: str, ptype: str, reason: str) -> Path:
+        """Move a checked staged file aside, within the store, with a note saying
+        why; return its new path."""
+        src = self.local_path(relative)
         day = time.strftime("%Y%m%d", time.gmtime())
-        dest_dir = self.root / ptype / "quarantine" / day
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / src.name
-        if src.exists():
-            shutil.move(src, dest)
-        note = dest_dir / f"{src.name}.reason.txt"
-        note.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
-                        f"staged as: {location}\n{reason}\n", encoding="utf-8")
-        return dest
+        return set_aside(self.root / ptype / "quarantine" / day, src.name, src,
+                         f"staged as: {relative}\n{reason}")
 
     def table_root(self, table: str) -> Path:
         return self.root / table

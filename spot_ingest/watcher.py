@@ -143,6 +143,12 @@ class CollectorWatcher:
     def forget(self, path: str) -> None:
         self.seen.pop(path, None)
 
+    def requeue(self, path: str) -> None:
+        """Offer ``path`` again once it has settled anew (it changed while it
+        was being ingested)."""
+        self.seen.pop(path, None)
+        self._note(path, renamed_in=False)
+
     def ready(self) -> list[Path]:
         """Files that are complete now, oldest first; they stay known until forgotten."""
         while True:

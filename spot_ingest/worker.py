@@ -8,13 +8,25 @@ whose output is not yet in place. Files finish out of order in the process
 pool; the committed offset only moves over a contiguous run of finished
 ones, so a crash at any moment repeats work (harmless: output is named after
 the input's checksum) and never skips it.
+
+Trust: a record on the topic is input like any other. It is refused (logged
+with its offset and reason, kept as a dead-letter record under
+``<store>/<type>/refused/``, its offset committed, the file it names left
+untouched) when it is not an announcement of this pipeline, when its
+checksum is not a SHA-256, when its staged path is not a regular file under
+the store's staging area (reached without following symlinks), or when the
+file's size or SHA-256 (computed while it is converted) differ from the
+announcement. Only a file that passed these checks and that the tool cannot
+read is moved, within the store, to quarantine.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -23,11 +35,13 @@ from dataclasses import dataclass, field
 from . import pipeline as registry
 from kafka.errors import KafkaError
 
-from .bus import END_OF_RUN, Announcement, BusError, PartitionReader, retry_kafka
-from .config import IngestConfig, PipelineConfig
-from .logs import setup_logging
+from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecurityError,
+                  PartitionReader, retry_kafka, security_problem, signature_problem)
+from .config import IngestConfig, PipelineConfig, read_signing_key
+from .logs import printable, setup_logging
 from .pipeline import BadInputError
-from .store import LocalStore
+from .store import SHA256_RE, LocalStore, RefusedInput
+from .tools import ToolTimeout, time_limit
 from .warehouse import TableWriter, remove_stale_temporaries
 
 log = logging.getLogger("spot_ingest.worker")
@@ -35,20 +49,26 @@ log = logging.getLogger("spot_ingest.worker")
 PROGRESS_SECONDS = 10.0
 IDLE_CHECK_SECONDS = 10.0
 MAX_BACKOFF = 60.0
+TIMEOUT_ATTEMPTS = 3      # a file whose conversion times out this often is set aside
 EXIT_OK, EXIT_FILES_FAILED, EXIT_ERROR = 0, 3, 1
 
 
 @dataclass
 class Job:
     announcement: Announcement
+    staged: str                 # checked path relative to the store root
     pipeline: PipelineConfig
     store_location: str
     tmp_prefix: str
+    topic: str
+    partition: int
+    offset: int
+    attempt: int = 1
 
 
 @dataclass
 class Outcome:
-    status: str                 # "loaded" or "quarantined"
+    status: str                 # "loaded", "quarantined" or "refused"
     rows: int = 0
     partitions: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -59,43 +79,102 @@ def output_name(ann: Announcement) -> str:
     return f"part-{ann.sha256[:32]}"
 
 
+def check_announcement(ann: Announcement, pcfg: PipelineConfig, store: LocalStore) -> str:
+    """Every field that reaches a path or a file name, checked; returns the
+    staged path relative to the store root. Raises ``RefusedInput``."""
+    if ann.pipeline_type != pcfg.type or ann.pipeline != pcfg.name:
+        raise RefusedInput(f"announced for pipeline {printable(ann.pipeline)!r} of type "
+                           f"{printable(ann.pipeline_type)!r}, not {pcfg.name} ({pcfg.type})")
+    if not SHA256_RE.fullmatch(ann.sha256 or ""):
+        raise RefusedInput(f"sha256 {printable(ann.sha256 or '')[:80]!r} is not 64 hex digits")
+    if ann.size < 0:
+        raise RefusedInput(f"size {ann.size} is negative")
+    return store.staged_relative(ann.staged_path, pcfg.type)
+
+
+class _Hasher(threading.Thread):
+    """SHA-256 of an open file, computed beside the conversion (the tool reads
+    the same file from the page cache), so the file is read for hashing once."""
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True)
+        self.fd, self.digest, self.size, self.error = fd, hashlib.sha256(), 0, None
+
+    def run(self) -> None:
+        try:
+            while chunk := os.pread(self.fd, 1 << 20, self.size):
+                self.digest.update(chunk)
+                self.size += len(chunk)
+        except OSError as exc:
+            self.error = exc
+
+
 def load_file(job: Job) -> Outcome:
-    """Convert one staged file and put its rows in the table (runs in a pool process)."""
+    """Check, convert and load one staged file (runs in a pool process)."""
     ann, pcfg = job.announcement, job.pipeline
     plugin = registry.load(pcfg.type)
     store = LocalStore(job.store_location)
-    path = store.local_path(ann.staged_path)
     started = time.monotonic()
+    try:
+        fd = store.open_staged(job.staged)
+    except RefusedInput as exc:
+        return _refuse(job, store, str(exc), started)
     writer = TableWriter(store.table_root(plugin.table), output_name(ann), plugin.schema,
                          plugin.partition_schema, f"{job.tmp_prefix}-{os.getpid()}")
     rows = 0
     try:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise BadInputError(f"staged file {ann.staged_path} is missing from the store") from None
+        size = os.fstat(fd).st_size
         if size != ann.size:
-            raise BadInputError(f"staged file {ann.staged_path} has {size} bytes, "
-                                f"the announcement says {ann.size}")
+            return _refuse(job, store, f"staged file {job.staged} has {size} bytes, the "
+                                       f"announcement says {ann.size}", started)
+        hasher = _Hasher(fd)
+        hasher.start()
         last_report = started
-        for batch in plugin.convert(path, pcfg):
-            writer.write(batch)
-            rows += batch.num_rows
-            now = time.monotonic()
-            if now - last_report > PROGRESS_SECONDS:
-                log.info("%s: %d rows so far (%.0f rows/s)", ann.original_name, rows,
-                         rows / (now - started))
-                last_report = now
+        with time_limit(pcfg.convert_timeout):
+            for batch in plugin.convert(store.local_path(job.staged), pcfg):
+                writer.write(batch)
+                rows += batch.num_rows
+                now = time.monotonic()
+                if now - last_report > PROGRESS_SECONDS:
+                    log.info("%s: %d rows so far (%.0f rows/s)", printable(ann.original_name),
+                             rows, rows / (now - started))
+                    last_report = now
+        hasher.join()
+        if hasher.error:
+            raise hasher.error
+        if hasher.digest.hexdigest() != ann.sha256 or hasher.size != ann.size:
+            writer.abort()
+            return _refuse(job, store, f"staged file {job.staged} has SHA-256 "
+                                       f"{hasher.digest.hexdigest()}, the announcement says "
+                                       f"{ann.sha256}", started)
         partitions = writer.commit()
-    except BadInputError as exc:
+        store.mark_loaded(pcfg.type, ann.sha256)
+    except (BadInputError, ToolTimeout) as exc:
         writer.abort()
-        where = store.quarantine(ann.staged_path, pcfg.type, str(exc)) if path.exists() else None
-        return Outcome("quarantined", detail=f"{exc}" + (f" (set aside in {where})" if where else ""),
+        if isinstance(exc, ToolTimeout) and job.attempt < TIMEOUT_ATTEMPTS:
+            raise       # retried with backoff, then set aside
+        reason = f"{exc}, {job.attempt} times" if isinstance(exc, ToolTimeout) else str(exc)
+        where = store.quarantine(job.staged, pcfg.type, reason)
+        return Outcome("quarantined", detail=f"{reason} (set aside in {where})",
                        seconds=time.monotonic() - started)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        os.close(fd)
     return Outcome("loaded", rows, partitions, time.monotonic() - started)
+
+
+def _refuse(job: Job, store: LocalStore, reason: str, started: float) -> Outcome:
+    where = store.refuse(job.pipeline.type, job.topic, job.partition, job.offset, reason,
+                         _record_fields(job.announcement))
+    return Outcome("refused", detail=f"{reason} (kept as {where}; the file is left as it is)",
+                   seconds=time.monotonic() - started)
+
+
+def _record_fields(ann: Announcement) -> dict:
+    from dataclasses import asdict
+    return asdict(ann)
 
 
 def _init_pool_process(level: int) -> None:
@@ -108,9 +187,118 @@ def _init_pool_process(level: int) -> None:
 @dataclass
 class _InFlight:
     announcement: Announcement
+    staged: str
     future: Future | None = None
     attempts: int = 0
     retry_at: float = 0.0
+
+
+class Committer(threading.Thread):
+    """Commits the worker's position from a thread and a Kafka client of its
+    own, so that conversions go on while the broker is slow or unreachable.
+    The commit order, in this one place:
+
+    1. The worker loop only ever raises ``target`` (the offset of its oldest
+       unfinished announcement); it never waits for a commit.
+    2. This thread commits ``target`` synchronously, retrying with backoff
+       (each failure logged) until the broker accepts it.
+    3. It then reads the committed offset back. If the broker holds another
+       value, a commit of an older position that timed out on a dropped
+       connection arrived late and overwrote a newer one: commit again, so
+       that the last word is always the newest position.
+    4. ``confirmed`` is the newest position the broker was seen to hold; the
+       read-back is repeated every ``VERIFY_SECONDS`` while idle, and every
+       second for ``WATCH_AFTER_FAILURE`` seconds after a failed commit: a
+       request stuck in a dropped connection can still reach the broker after
+       the link returns (seen: minutes later), and no client can recall it,
+       so the worker keeps correcting it until the old requests are gone.
+    """
+
+    VERIFY_SECONDS = 30.0
+    WATCH_AFTER_FAILURE = 300.0
+
+    def __init__(self, make_reader, describe: str):
+        super().__init__(daemon=True, name="committer")
+        self.make_reader, self.describe = make_reader, describe
+        self.target = -1
+        self.confirmed = -1
+        self.failing = False
+        self.lock = threading.Condition()
+        self.closing = False
+        self.reader = None
+        self.verified_at = time.monotonic()
+        self.failed_at = float("-inf")
+
+    def _verify_due(self) -> bool:
+        now = time.monotonic()
+        every = 1.0 if now - self.failed_at < self.WATCH_AFTER_FAILURE else self.VERIFY_SECONDS
+        return now - self.verified_at > every
+
+    def advance(self, position: int) -> None:
+        with self.lock:
+            if position > self.target:
+                self.target = position
+                self.lock.notify()
+
+    def run(self) -> None:
+        delay = 0.5
+        while True:
+            with self.lock:
+                due = self._verify_due()
+                while not self.closing and self.target <= self.confirmed and not due:
+                    self.lock.wait(timeout=0.5)
+                    due = self._verify_due()
+                if self.closing and self.target <= self.confirmed:
+                    return
+                target = self.target
+            if target < 0:
+                self.verified_at = time.monotonic()
+                continue
+            try:
+                if self.reader is None:
+                    self.reader = self.make_reader()
+                if target > self.confirmed:
+                    self.reader.commit(target)
+                held = self.reader.committed(timeout_ms=5000)
+                self.verified_at = time.monotonic()
+            except Exception as exc:   # KafkaError, or a connection error below it
+                if not self.failing or delay >= 10:
+                    log.warning("could not commit offset %d (%s: %s); will retry; the files "
+                                "stay loaded", target, type(exc).__name__, exc)
+                self.failing = True
+                self.failed_at = time.monotonic()
+                self._pause(delay)
+                delay = min(delay * 2, 10)
+                continue
+            delay = 0.5
+            if held is not None and held != target and held < self.target:
+                log.warning("the broker holds offset %d for %s, not %d (a late commit of an "
+                            "older position); committing %d again", held, self.describe, target,
+                            self.target)
+                self.confirmed = min(self.confirmed, held)
+                continue
+            if self.failing:
+                log.info("the broker answers again: offset %d committed", target)
+                self.failing = False
+            self.confirmed = max(self.confirmed, target)
+
+    def _pause(self, seconds: float) -> None:
+        with self.lock:
+            if not self.closing:
+                self.lock.wait(timeout=seconds)
+
+    def close(self, timeout: float) -> bool:
+        """Try to confirm the last target for up to ``timeout`` seconds; True if it was."""
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and self.target > self.confirmed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        self.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        if self.reader is not None and not self.is_alive():
+            self.reader.close()
+        return self.target <= self.confirmed
 
 
 class Worker:
@@ -128,11 +316,11 @@ class Worker:
         self.stopping = False
         self.in_flight: dict[int, _InFlight] = {}
         self.highest_seen = -1
-        self.committed = -1
         self.end_of_run_offset: int | None = None
-        self.counts = {"loaded": 0, "quarantined": 0, "rows": 0}
+        self.counts = {"loaded": 0, "quarantined": 0, "refused": 0, "rows": 0}
         self.last_heard = time.monotonic()
         self.broker_lost = False
+        self.signing_key = read_signing_key(cfg)
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -150,41 +338,97 @@ class Worker:
 
     def run(self) -> int:
         self.plugin.check_tools()
-        store = LocalStore(self.cfg.hdfs_app_path)
+        store = self.store = LocalStore(self.cfg.hdfs_app_path)
         removed = remove_stale_temporaries(store.table_root(self.plugin.table), self.tmp_prefix)
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
-        self.reader = retry_kafka(
-            lambda: PartitionReader(self.cfg.kafka.bootstrap, self.topic, self.worker_id,
-                                    self.pcfg.name),
-            f"connect to Kafka at {self.cfg.kafka.bootstrap}")
-        start = self.reader.committed()
+        self.reader = self._connect()
+        if self.reader is None:
+            return EXIT_OK    # stopped before the broker answered: nothing was taken
+        start = self._until_answered(lambda: self.reader.committed(timeout_ms=5000),
+                                     "read the committed offset")
+        if self.stopping:
+            self.reader.close()
+            return EXIT_OK
         log.info("worker %d of pipeline %s reading %s partition %d from %s, %d processes",
                  self.worker_id, self.pcfg.name, self.topic, self.worker_id,
                  f"offset {start}" if start is not None else "the beginning", self.processes)
+        self.committer = Committer(self._new_reader, f"{self.topic} partition {self.worker_id}")
+        self.committer.confirmed = start if start is not None else -1
+        self.committer.start()
         self.pool = self._new_pool()
         try:
             while not self._finished():
                 self._step()
         finally:
             self.pool.shutdown(wait=not self.stopping, cancel_futures=True)
+            if not self.committer.close(timeout=10):
+                log.warning("offset %d could not be committed before stopping; the files after "
+                            "offset %d will be loaded again (idempotently) at the next start",
+                            self.committer.target, self.committer.confirmed)
             self.reader.close()
-        log.info("worker %d done: %d file(s) loaded (%d rows), %d quarantined", self.worker_id,
-                 self.counts["loaded"], self.counts["rows"], self.counts["quarantined"])
-        return EXIT_FILES_FAILED if self.counts["quarantined"] else EXIT_OK
+        log.info("worker %d done: %d file(s) loaded (%d rows), %d quarantined, %d announcement(s) "
+                 "refused", self.worker_id, self.counts["loaded"], self.counts["rows"],
+                 self.counts["quarantined"], self.counts["refused"])
+        return EXIT_FILES_FAILED if self.counts["quarantined"] or self.counts["refused"] else EXIT_OK
+
+    def _new_reader(self) -> PartitionReader:
+        return PartitionReader(self.cfg.kafka, self.topic, self.worker_id, self.pcfg.name)
+
+    def _connect(self) -> PartitionReader | None:
+        """Connect, waiting for the broker (each retry logged) until it answers
+        or a stop is requested (then None). A TLS or SASL refusal ends it."""
+        while not self.stopping:
+            try:
+                return retry_kafka(self._new_reader, f"connect to Kafka at {self.cfg.kafka.bootstrap}",
+                                   timeout=10, kafka=self.cfg.kafka)
+            except KafkaSecurityError:
+                raise
+            except BusError:
+                continue   # logged by retry_kafka; look at the stop flag, then again
+        return None
+
+    def _until_answered(self, action, what: str):
+        """``action()`` until the broker answers it, honouring a stop request."""
+        delay = 0.5
+        while not self.stopping:
+            try:
+                return action()
+            except (KafkaError, OSError) as exc:
+                log.warning("could not %s (%s: %s); retrying in %.1f s", what,
+                            type(exc).__name__, exc, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, 10)
+        return None
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, deadline - time.monotonic()))
 
     def _finished(self) -> bool:
         if self.stopping:
             return not any(f.future for f in self.in_flight.values())
         if self.end_of_run_offset is not None:
-            return self.committed > self.end_of_run_offset
+            return self.committer.confirmed > self.end_of_run_offset
         return False
 
     # -- the loop ----------------------------------------------------------
     def _step(self) -> None:
         if not self.stopping and len(self.in_flight) < self.max_in_flight \
                 and self.end_of_run_offset is None:
-            records = self.reader.poll(timeout_ms=200 if self.in_flight else 1000)
+            try:
+                records = self.reader.poll(timeout_ms=200 if self.in_flight else 1000)
+            except (KafkaError, OSError) as exc:
+                # A link that fails reaches kafka-python's metadata refresh and
+                # coordinator inside poll(): wait and poll again, never die.
+                if not self.broker_lost:
+                    log.warning("the broker at %s is not answering (%s: %s); waiting for it",
+                                self.cfg.kafka.bootstrap, type(exc).__name__, exc)
+                self.broker_lost = True
+                records = []
+                if not self.in_flight:
+                    self._sleep(1.0)
             for record in records:
                 self._accept(record)
             if records:
@@ -211,24 +455,47 @@ class Worker:
             self.broker_lost = False
         except KafkaError as exc:
             self.broker_lost = True
-            log.warning("the broker at %s is not answering (%s: %s); waiting for it",
-                        self.cfg.kafka.bootstrap, type(exc).__name__, exc)
+            problem = security_problem(self.cfg.kafka)
+            if problem:   # TLS or SASL refuses: it will not fix itself, say so loudly
+                log.error("the broker at %s refuses the connection: %s; waiting for it; %s",
+                          self.cfg.kafka.bootstrap, problem, SECURITY_HINT)
+            else:
+                log.warning("the broker at %s is not answering (%s: %s); waiting for it",
+                            self.cfg.kafka.bootstrap, type(exc).__name__, exc)
         self.last_heard = time.monotonic()
 
     def _accept(self, record) -> None:
         self.highest_seen = max(self.highest_seen, record.offset)
+        problem = signature_problem(self.signing_key, record.value, record.headers)
+        if problem:
+            import base64
+            self._refused(record.offset, problem,
+                          {"value_base64": base64.b64encode(record.value or b"").decode()})
+            return
         try:
             ann = Announcement.decode(record.value)
         except Exception as exc:  # a foreign or corrupt message: never blocks the partition
-            log.error("offset %d of %s is not an announcement (%s); skipped", record.offset,
-                      self.topic, exc)
+            import base64
+            self._refused(record.offset, f"not an announcement ({exc})",
+                          {"value_base64": base64.b64encode(record.value or b"").decode()})
             return
         if ann.kind == END_OF_RUN:
             if self.run_id and ann.run_id == self.run_id:
-                log.info("end of run %s at offset %d", ann.run_id, record.offset)
+                log.info("end of run %s at offset %d", printable(ann.run_id), record.offset)
                 self.end_of_run_offset = record.offset
             return
-        self.in_flight[record.offset] = _InFlight(ann)
+        try:
+            staged = check_announcement(ann, self.pcfg, self.store)
+        except RefusedInput as exc:
+            self._refused(record.offset, str(exc), _record_fields(ann))
+            return
+        self.in_flight[record.offset] = _InFlight(ann, staged)
+
+    def _refused(self, offset: int, reason: str, record: dict) -> None:
+        where = self.store.refuse(self.pcfg.type, self.topic, self.worker_id, offset, reason, record)
+        self.counts["refused"] += 1
+        log.error("refused offset %d of %s: %s (kept as %s; offset committed, nothing moved)",
+                  offset, self.topic, reason, where)
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -236,7 +503,8 @@ class Worker:
             return
         for offset, item in sorted(self.in_flight.items()):
             if item.future is None and item.retry_at <= now:
-                job = Job(item.announcement, self.pcfg, self.cfg.hdfs_app_path, self.tmp_prefix)
+                job = Job(item.announcement, item.staged, self.pcfg, self.cfg.hdfs_app_path,
+                          self.tmp_prefix, self.topic, self.worker_id, offset, item.attempts + 1)
                 try:
                     item.future = self.pool.submit(load_file, job)
                 except BrokenProcessPool:
@@ -267,37 +535,29 @@ class Worker:
                 delay = min(MAX_BACKOFF, 2 ** item.attempts)
                 item.future, item.retry_at = None, time.monotonic() + delay
                 log.warning("could not load %s (%s: %s); offset %d not committed, retry %d in %.0f s",
-                            ann.original_name, type(exc).__name__, exc, offset, item.attempts, delay)
+                            printable(ann.original_name), type(exc).__name__, exc, offset,
+                            item.attempts, delay)
                 continue
             del self.in_flight[offset]
             self.counts[outcome.status] += 1
             if outcome.status == "loaded":
                 self.counts["rows"] += outcome.rows
                 parts = ", ".join(f"{p} ({n})" for p, n in sorted(outcome.partitions.items()))
-                log.info("loaded %s: %d rows in %.1f s into %s", ann.original_name, outcome.rows,
-                         outcome.seconds, parts or "no partition (no rows)")
+                log.info("loaded %s: %d rows in %.1f s into %s", printable(ann.original_name),
+                         outcome.rows, outcome.seconds, parts or "no partition (no rows)")
+            elif outcome.status == "refused":
+                log.error("refused offset %d of %s (%s): %s", offset, self.topic,
+                          printable(ann.original_name), outcome.detail)
             else:
-                log.error("quarantined %s: %s", ann.original_name, outcome.detail)
+                log.error("quarantined %s: %s", printable(ann.original_name), outcome.detail)
         if broken:
             self._restart_pool()
 
     def _commit(self) -> None:
         # Everything below the oldest unfinished announcement is finished.
         position = min(self.in_flight) if self.in_flight else self.highest_seen + 1
-        if position > self.committed and position > 0:
-            try:
-                self.reader.commit(position)
-            except KafkaError as exc:
-                # Nothing is lost: the files stay loaded, and at worst are
-                # loaded again (idempotently) after a restart.
-                log.warning("could not commit offset %d (%s: %s); will retry", position,
-                            type(exc).__name__, exc)
-                self.broker_lost = True
-                return
-            self.committed = position
-            if self.broker_lost:
-                log.info("the broker answers again")
-                self.broker_lost = False
+        if position > 0:
+            self.committer.advance(position)
 
 
 def run(cfg: IngestConfig, pipeline_name: str, worker_id: int, topic: str | None = None,

@@ -318,3 +318,176 @@ def test_sample_without_dnsmasq_says_what_to_install(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "none.pcap").exists()
     with pytest.raises(SystemExit, match=r"^error: the dns sample needs dnsmasq .*dnsmasq-base$"):
         sample.main([str(tmp_path / "none.pcap"), "--queries", "5"])
+
+
+# -- process_opt: an allow-list of tshark options, and a display filter that
+#    can never let a packet that is not a response into the table
+
+def dns_options(process_opt: str):
+    return DNS.parse_options({"process_opt": process_opt}, lambda k, p: ValueError(f"{k}: {p}"))
+
+
+def tshark_prefs() -> list[tuple[str, str]]:
+    """(name, description of its type) of every preference of the installed tshark."""
+    out = subprocess.run(["tshark", "-G", "defaultprefs"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120).stdout
+    prefs = []
+    for block in out.split("\n\n"):
+        lines = block.strip().splitlines()
+        if lines and ":" in lines[-1] and not lines[-1].startswith("# "):
+            prefs.append((lines[-1].lstrip("#").split(":")[0], "\n".join(lines[:-1])))
+    return prefs
+
+
+@pytest.mark.parametrize("opt, named", [
+    ("-o tls.debug_file:{out}", "tshark preference tls.debug_file"),
+    ("-otls.debug_file:{out}", "tshark preference tls.debug_file"),
+    ("-no tls.debug_file:{out}", "tshark preference tls.debug_file"),
+    ("-o dns.debug_file:{out}", "tshark preference dns.debug_file"),
+    ("-o tls.keylog_file:{out}", "tshark preference tls.keylog_file"),
+    ("-o ssl.keylog_file:{out}", "tshark preference ssl.keylog_file"),
+    ("-o uat:esp_sa:{out}", "tshark preference uat"),
+    ("-o gui.column.format:x", "tshark preference gui.column.format"),
+    ("--log-file={out}", "tshark option --log-file is not allowed"),
+    ("-d --log-file={out}", "tshark option -d '--log-file="),
+    ("-nw {out}", "tshark option -w is not allowed"),
+    ("-w{out}", "tshark option -w is not allowed"),
+    ("-2 -R dns -w {out}", "tshark option -R is not allowed"),
+    ("-r {out}", "tshark option -r is not allowed"),
+    ("--export-objects http,{out}", "tshark option --export-objects is not allowed"),
+    ("-K {out}", "tshark option -K is not allowed"),
+    ("-o dns.retransmission_timer:{out}", "tshark option -o 'dns.retransmission_timer:"),
+])
+def test_process_opt_that_names_a_file_is_refused(tmp_path, opt, named):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as info:
+        dns_options(opt.format(out=out))
+    message = str(info.value)
+    assert message.startswith("process_opt: ") and named in message, message
+    assert "\n" not in message
+    assert not out.exists()
+
+
+def test_debug_file_preference_would_write_a_file(capture, tmp_path):
+    # For real, into tmp_path: tshark writes the file named by tls.debug_file,
+    # capture with no TLS or not; the dns pipeline refuses the preference.
+    out = tmp_path / "tls-debug.txt"
+    subprocess.run(["tshark", "-n", "-r", str(capture), "-o", f"tls.debug_file:{out}",
+                    "-T", "fields", "-e", "frame.number"], capture_output=True,
+                   stdin=subprocess.DEVNULL, timeout=120)
+    assert out.is_file() and out.stat().st_size > 0
+    out.unlink()
+    with pytest.raises(ValueError, match=r"tshark preference tls\.debug_file .* not allowed"):
+        dns_options(f"-o tls.debug_file:{out}")
+    assert not out.exists()
+
+
+def test_allowed_preference_is_passed_and_decodes(capture, tmp_path):
+    prefs = {name for name, _ in tshark_prefs()}
+    assert {"dns.retransmission_timer", "dns.desegment_dns_messages"} <= prefs
+    opts = dns_options("-o dns.retransmission_timer:7 -odns.desegment_dns_messages:FALSE")
+    assert opts["tshark_args"] == ("-o", "dns.retransmission_timer:7",
+                                   "-o", "dns.desegment_dns_messages:FALSE")
+    assert rows_of(convert(capture, dns_config(tmp_path, process_opt="-o dns.retransmission_timer:7"))) \
+        == tshark_reference([capture])
+    # tshark itself checks the preference when the configuration is loaded.
+    with pytest.raises(ValueError, match=r'process_opt: tshark refuses it: -o flag '
+                                         r'"dns.no_such_pref:1" specifies unknown preference'):
+        dns_options("-o dns.no_such_pref:1")
+
+
+def test_preferences_allowed_by_module_name_none_a_file():
+    from pipelines.dns import ALLOWED_PREF_MODULES
+    allowed_types = ("TRUE or FALSE", "A decimal number", "One of:", "A hexadecimal number",
+                     "positive integer range")
+    prefs = tshark_prefs()
+    assert len(prefs) > 1000
+    allowed = [(n, t) for n, t in prefs if n.split(".")[0] in ALLOWED_PREF_MODULES]
+    assert len(allowed) > 30
+    for name, kind in allowed:
+        assert any(a in kind for a in allowed_types), (name, kind)
+    # Every preference that is a path, of any module, is refused without running tshark.
+    paths = [n for n, t in prefs if "A path to a" in t]
+    assert len(paths) > 10 and "tls.keylog_file" in paths and "tls.debug_file" in paths
+    for name in paths:
+        with pytest.raises(ValueError, match=f"tshark preference {name} "):
+            dns_options(f"-o {name}:x")
+
+
+@pytest.mark.parametrize("process_opt, problem", [
+    ("'1) || (1'", "it closes a parenthesis it did not open"),
+    ("-Y '1) || (1'", "it closes a parenthesis it did not open"),
+    ("'dns.qry.name == \"x\") || (1'", "it closes a parenthesis it did not open"),
+    ("--display-filter='dns) || (dns'", "it closes a parenthesis it did not open"),
+    ("\"frame.len == ')' ) || (frame.len == '('\"", "it closes a parenthesis it did not open"),
+    ("'dns.qry.name == \"x\" || (1'", "a parenthesis is not closed"),
+    ("'dns.qry.name == \"x) || (1'", "a quoted string is not closed"),
+    ("$'dns\\n) || (dns'", None),
+])
+def test_filter_that_escapes_the_responses_only_conjunction_is_refused(process_opt, problem):
+    with pytest.raises(ValueError) as info:
+        dns_options(process_opt)
+    message = str(info.value)
+    assert message.startswith("process_opt: "), message
+    if problem:
+        assert "cannot be combined with 'dns.flags.response == 1'" in message
+        assert message.endswith(problem)
+
+
+@pytest.mark.parametrize("escape", [
+    "dns) || (dns",
+    "dns.flags.response == 0) || (dns",
+    'dns.qry.name == "x") || (dns',
+    "dns.flags.response == 0) || (dns.flags.response == 0",   # queries only
+])
+def test_no_query_reaches_the_table_whatever_the_filter(capture, tmp_path, escape):
+    # The filter handed to the worker as is (as if the checks at load were
+    # bypassed): tshark then prints queries too, and the worker drops them.
+    opts = {**dns_options(""), "filters": (escape,)}
+    cfg = dns_config(tmp_path)
+    cfg = PipelineConfig(**{**cfg.__dict__, "options": opts})
+    cmd = DNS.tshark_command(capture, cfg)
+    out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         timeout=120, env={**os.environ, "TZ": "UTC"}).stdout.splitlines()
+    flags = [line.split("\x01")[-1] for line in out]
+    assert flags.count("0") >= 400            # the escape is real: tshark printed queries
+    table = convert(capture, cfg)
+    reference = tshark_reference([capture])
+    assert table.num_rows == flags.count("1")
+    assert set(rows_of(table)) <= set(reference)
+    assert table.num_rows in (0, 400)          # no row, or exactly the 400 responses
+
+
+def test_filter_with_parentheses_inside_quotes_is_accepted(capture, tmp_path):
+    process_opt = "'dns.qry.name contains \"a)b\" || dns.qry.name contains \"(x)\"'"
+    opts = dns_options(process_opt)
+    assert opts["filters"] == ('dns.qry.name contains "a)b" || dns.qry.name contains "(x)"',)
+    rows = convert(capture, dns_config(tmp_path, process_opt=process_opt)).to_pylist()
+    assert rows and {r["dns_qry_name"] for r in rows} == {"semi;colon$(x).wild.test"}
+    assert dns_options("-Y 'dns.qry.name == r\"a\\\\\" || dns.qry.name contains \"a(\\\")b\"'")[
+        "filters"] == ('dns.qry.name == r"a\\\\" || dns.qry.name contains "a(\\")b"',)
+
+
+def test_tshark_checks_each_filter_at_load():
+    with pytest.raises(ValueError) as info:
+        dns_options("'dns.qry.nmae == 1'")
+    assert str(info.value).startswith("process_opt: tshark refuses the display filter "
+                                      "'dns.qry.nmae == 1': ")
+    assert "dns.qry.nmae" in str(info.value)
+    with pytest.raises(ValueError, match=r"tshark refuses the display filter 'dns -w /x'"):
+        dns_options("dns -w /x")      # the first operand ends tshark's options
+
+
+def test_options_parsed_as_tshark_getopt_does():
+    assert dns_options("-nYdns.qry.type==1 -Tfields -Eseparator=,")["filters"] == (
+        "dns.qry.type==1",)
+    opts = dns_options("-d udp.port==5353,dns --disable-protocol=llmnr "
+                       "--enable-heuristic teredo_udp dns.qry.type == 1")
+    assert opts["tshark_args"] == ("-d", "udp.port==5353,dns", "--disable-protocol", "llmnr",
+                                   "--enable-heuristic", "teredo_udp")
+    assert opts["filters"] == ("dns.qry.type == 1",)
+    assert dns_options("-l -q -2 -- 'dns.flags.response == 1'")["filters"] == ()
+    with pytest.raises(ValueError, match=r"tshark option -z is not allowed"):
+        dns_options("-nz io,stat,1")
+    with pytest.raises(ValueError, match=r"tshark option -Y needs a value"):
+        dns_options("-n -Y")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from conftest import REPO, reference_rows, table_rows, wait_for
 from pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.bus import Announcement, Announcer, PartitionReader, ensure_topic
+from spot_ingest.config import KafkaConfig
 
 
 def drop(env, src: Path, relative: str) -> Path:
@@ -114,7 +115,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(env, tmp_pa
         drop(env, f, f.name)
     master = env.master(1)
     worker = env.spawn("worker", "-i", "0", log_name="worker-0.log")
-    reader = PartitionReader(f"{broker[0]}:{broker[1]}", env.topic, 0, env.pipeline)
+    reader = PartitionReader(KafkaConfig(*broker), env.topic, 0, env.pipeline)
     try:
         wait_for(lambda: (reader.committed() or 0) > 0, 120, "a first committed offset")
     finally:
@@ -146,13 +147,13 @@ def test_same_file_announced_twice_yields_rows_once(env, nfcapd_files, broker):
     staged = next((env.warehouse / "flow" / "binary").rglob("*nfcapd.*"))
     import hashlib
     sha = hashlib.sha256(staged.read_bytes()).hexdigest()
-    bootstrap = f"{broker[0]}:{broker[1]}"
-    announcer = Announcer(bootstrap, env.topic, 1, env.pipeline)
+    kafka = KafkaConfig(*broker)
+    announcer = Announcer(kafka, env.topic, 1, env.pipeline)
     ann = Announcement(env.pipeline, "flow", str(staged), staged.stat().st_size, sha,
                        "again/" + staged.name, int(time.time() * 1000), "test")
     _, offset = announcer.announce(ann, partition=0)
     announcer.close()
-    reader = PartitionReader(bootstrap, env.topic, 0, env.pipeline)
+    reader = PartitionReader(kafka, env.topic, 0, env.pipeline)
     try:
         wait_for(lambda: (reader.committed() or 0) > offset, 90, "the worker to commit past it")
     finally:
@@ -174,13 +175,13 @@ def test_second_master_for_the_same_pipeline_is_refused(env):
 
 
 def test_topic_with_too_few_partitions(env, broker):
-    bootstrap = f"{broker[0]}:{broker[1]}"
-    ensure_topic(bootstrap, env.topic, 2)
+    kafka = KafkaConfig(*broker)
+    ensure_topic(kafka, env.topic, 2)
     result = subprocess.run([sys.executable, str(REPO / "master_collector.py"), "-t", env.pipeline,
                              "-w", "4", "-c", str(env.config), "--once"], capture_output=True,
                             text=True, timeout=120)
     if result.returncode == 0:   # a broker that can add partitions grew the topic
-        assert ensure_topic(bootstrap, env.topic, 4) == 4
+        assert ensure_topic(kafka, env.topic, 4) == 4
     else:
         assert result.returncode == 1
         assert f"topic {env.topic} has 2 partitions but 4 workers need one each" in result.stderr

@@ -7,9 +7,11 @@ nfreplay), and by nfpcapd from a pcap (for IPv6 and multi-hour captures).
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import dpkt
 import pyarrow as pa
@@ -196,3 +198,124 @@ def test_process_opt_filter_is_passed_to_nfdump(nfcapd_files):
 def test_process_opt_that_changes_output_is_refused():
     with pytest.raises(ValueError, match="-o"):
         FLOW.parse_options({"process_opt": "-o csv"}, lambda k, p: ValueError(f"{k}: {p}"))
+
+
+# -- process_opt: only a filter expression, parsed as nfdump's getopt parses it
+
+def flow_options(process_opt: str):
+    return FLOW.parse_options({"process_opt": process_opt}, lambda k, p: ValueError(f"{k}: {p}"))
+
+
+def nfdump_rows(cmd: list[str]) -> int:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TZ": "UTC"},
+                         stdin=subprocess.DEVNULL, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return len(out.stdout.splitlines())
+
+
+@pytest.mark.parametrize("template, named", [
+    ("-aw {out}", ["-a ", "-w {out} (writes a file)"]),
+    ("-w {out}", ["-w {out} (writes a file)"]),
+    ("-aNw {out}", ["-a ", "-N ", "-w {out} (writes a file)"]),
+    ("-Nw{out}", ["-w {out} (writes a file)"]),              # value glued to a cluster
+    ("proto tcp -w {out}", ["-w {out} (writes a file)"]),    # getopt permutes: after the filter
+    ("-zw {out}", ["-z ", "-w {out}"]),
+], ids=["-aw", "-w", "-aNw", "-Nw-glued", "after-filter", "-zw"])
+def test_process_opt_that_writes_a_file_is_refused(nfcapd_files, tmp_path, template, named):
+    out = tmp_path / "written.nfcapd"
+    opt = template.format(out=out)
+    # What nfdump itself does with these arguments after the worker's own:
+    # it writes the file (run for real, into tmp_path).
+    subprocess.run(FLOW.nfdump_command(nfcapd_files[3], None) + shlex.split(opt),
+                   capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert out.is_file() and out.stat().st_size > 0
+    out.unlink()
+    with pytest.raises(ValueError) as info:
+        flow_options(opt)
+    message = str(info.value)
+    assert message.startswith("process_opt: nfdump option") and message.endswith("remove it")
+    for fragment in named:
+        assert fragment.format(out=out) in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("opt, named", [
+    ("-c 5", "-c 5 (stops after that many flows"), ("-c5", "-c 5 (stops after"),
+    ("-Nc5", "-c 5 (stops after"), ("-r x", "-r x (reads another file"),
+    ("-rx", "-r x (reads another file"), ("-R /var/cache/nfdump", "-R /var/cache/nfdump (reads"),
+    ("-f filter.txt", "-f filter.txt (reads the filter from a file"),
+    ("-A srcip", "-A srcip (aggregates"), ("-Asrcip,dstip", "-A srcip,dstip (aggregates"),
+    ("-a", "-a (aggregates"), ("-b", "-b (aggregates"), ("-s ip/bytes", "-s ip/bytes (prints"),
+    ("-t 2026/11/21.00:00:00", "-t 2026/11/21.00:00:00 (drops the flows outside"),
+    ("-o csv", "-o csv (sets the output format"), ("-ocsv", "-o csv (sets the output format"),
+    ("-J 0", "-J 0 (rewrites the input file"), ("-i newident", "-i newident (rewrites"),
+    ("not proto icmp -c 5", "-c 5 (stops after"),
+])
+def test_process_opt_options_are_refused_with_the_option_named(opt, named):
+    with pytest.raises(ValueError) as info:
+        flow_options(opt)
+    assert named in str(info.value), str(info.value)
+    assert str(info.value).startswith("process_opt: ")
+
+
+def test_limit_option_would_drop_flows_silently(nfcapd_files):
+    # -c 5 for real: nfdump prints 5 of the file's flows and says nothing.
+    path = nfcapd_files[3]
+    full = nfdump_rows(FLOW.nfdump_command(path, None))
+    assert full == 1500
+    assert nfdump_rows(FLOW.nfdump_command(path, None) + ["-c", "5"]) == 5
+    with pytest.raises(ValueError, match=r"-c 5 \(stops after that many flows"):
+        flow_options("-c 5")
+
+
+@pytest.mark.parametrize("opt, problem", [
+    ("-k", "nfdump has no option -k"), ("-ak", "nfdump has no option -k"),
+    ("--write=x", "nfdump has no long options ('--write=x')"),
+    ("-w", "nfdump option -w needs a value"), ("proto tcp -c", "nfdump option -c needs a value"),
+])
+def test_what_nfdump_getopt_rejects_is_refused(opt, problem):
+    with pytest.raises(ValueError) as info:
+        flow_options(opt)
+    assert problem in str(info.value) and str(info.value).endswith("remove it")
+
+
+def test_every_nfdump_option_is_decided_and_refused():
+    from pipelines.flow import NFDUMP_OPTION_REFUSED, NFDUMP_OPTSTRING
+    usage = subprocess.run(["nfdump", "-h"], capture_output=True, text=True).stdout
+    listed = {line[1] for line in usage.splitlines() if line[:1] == "-" and line[1:2].isalnum()}
+    assert len(listed) > 30
+    assert listed <= set(NFDUMP_OPTION_REFUSED), listed - set(NFDUMP_OPTION_REFUSED)
+    for letter in NFDUMP_OPTION_REFUSED:
+        opt = f"-{letter} x" if f"{letter}:" in NFDUMP_OPTSTRING else f"-{letter}"
+        with pytest.raises(ValueError, match=f"-{letter}"):
+            flow_options(opt)
+
+
+def test_filter_goes_to_nfdump_as_one_argument_after_double_dash(nfcapd_files):
+    assert flow_options("not proto icmp")["nfdump_args"] == ("--", "not proto icmp")
+    assert flow_options("'src port > 1024' and proto udp")["nfdump_args"] == (
+        "--", "src port > 1024 and proto udp")
+    assert flow_options("-- proto tcp")["nfdump_args"] == ("--", "proto tcp")
+    assert flow_options("")["nfdump_args"] == ()
+    cmd = FLOW.nfdump_command(nfcapd_files[0], SimpleNamespace(options=flow_options("proto udp")))
+    assert cmd[-2:] == ["--", "proto udp"]
+    udp = sum(1 for r in reference_rows([nfcapd_files[0]]) if r[4] == "UDP")
+    assert 0 < udp == nfdump_rows(cmd)
+
+
+def test_option_words_after_double_dash_are_a_filter_nfdump_refuses(tmp_path):
+    # After "--" nothing is an option: "-w FILE" would be filter words, and
+    # nfdump's own filter check (nfdump -Z, run at load) refuses them.
+    out = tmp_path / "written.nfcapd"
+    with pytest.raises(ValueError) as info:
+        flow_options(f"-- proto tcp -w {out}")
+    assert f"nfdump cannot use the filter 'proto tcp -w {out}'" in str(info.value)
+    assert "syntax error" in str(info.value)
+    assert not out.exists()
+
+
+def test_filter_nfdump_cannot_compile_is_refused_at_load():
+    with pytest.raises(ValueError) as info:
+        flow_options("proto nosuchproto")
+    assert str(info.value) == ("process_opt: nfdump cannot use the filter 'proto nosuchproto': "
+                               "Line 1: Unknown protocol at 'nosuchproto'")

@@ -158,6 +158,17 @@ def test_newcomer_setup_and_flow_demo(newcomer_run):
     check_exit_0(r)
     check(r, FLOW_ROWS in r.output, repr(FLOW_ROWS) + " in the output")
     check(r, "installing with apt-get" in r.output, "the newcomer's setup to install through sudo")
+    newcomer_run.passed.add(r.name)
+
+
+def test_newcomer_dns_demo(newcomer_run):
+    r = newcomer_run.step(f"{fresh_root.USER}: dns demo",
+                          "./start_standalone_ingest.sh dns_server_1 2 --demo",
+                          user=fresh_root.USER, cwd=USER_CLONE, timeout=DEMO_TIMEOUT,
+                          needs=f"{fresh_root.USER}: setup + flow demo")
+    check_exit_0(r)
+    check(r, "dns table: 2000 rows" in r.output, "'dns table: 2000 rows' (no capture privilege "
+                                                  "needed)")
 
 
 def test_root_test_suite(run):

@@ -205,8 +205,13 @@ def test_streaming_job_listens_on_loopback_only_and_cleans_up(make_env):
     env.master(1)
     wait_for(lambda: re.search(r"batch \d+: 1 message\(s\), 50 rows", env.log("stream.log")), 240,
              "the log's 50 rows, parsed by Spark's Python workers")
-    listening = [c.laddr for p in psutil.Process(job.pid).children(recursive=True)
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    listening = []
+    for child in psutil.Process(job.pid).children(recursive=True):
+        try:   # Spark's short-lived helper processes may be gone by now
+            listening += [c.laddr for c in child.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except (psutil.Error, FileNotFoundError):
+            continue
     assert listening, "the driver listens (block manager, UI)"
     assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
     ours = [d for d in glob.glob("/tmp/spot-ingest-code-*") if d.split("-")[3] == str(job.pid)]
@@ -214,3 +219,104 @@ def test_streaming_job_listens_on_loopback_only_and_cleans_up(make_env):
     job.send_signal(15)
     assert job.wait(timeout=120) == 0
     assert not os.path.exists(ours[0]), "the code archive is removed when the job ends"
+
+
+# -- the master's side: .gz, headers, a log that grows -----------------------
+
+def _lines_of(messages) -> list[str]:
+    return [line for m in messages for line in m.value.decode().split("\n")]
+
+
+def test_log_gz_is_cut_into_its_lines_and_a_truncated_one_publishes_nothing(tmp_path):
+    import gzip
+
+    from spot_ingest.pipeline import BadInputError
+    lines = list(log_lines(2000, LAYOUTS["main27"], seed=3))
+    body = ("\n".join(header(LAYOUTS["main27"]) + lines) + "\n").encode()
+    (tmp_path / "a.log.gz").write_bytes(gzip.compress(body))
+    messages = list(PROXY.records(tmp_path / "a.log.gz", "a.log.gz", max_bytes=50_000))
+    assert len(messages) > 5 and _lines_of(messages) == lines
+    whole = gzip.compress(body)
+    for cut in (whole[:len(whole) // 2], whole[:-3], whole[:-20] + b"\0" * 20):
+        (tmp_path / "cut.log.gz").write_bytes(cut)
+        items = PROXY.records(tmp_path / "cut.log.gz", "cut.log.gz", max_bytes=50_000)
+        try:
+            first = next(items)
+        except BadInputError as exc:
+            assert "cut.log.gz is not a readable gzip file" in str(exc)
+        else:
+            raise AssertionError(f"a damaged .gz yielded {type(first).__name__} before failing")
+
+
+def test_duplicate_field_header_marks_every_message_under_it(tmp_path):
+    path = tmp_path / "dup.log"
+    lines = list(log_lines(30, LAYOUTS["main27"], seed=4))
+    path.write_text("\n".join([f"#Fields: {LAYOUTS['main27']} cs-host"] + lines[:10] +
+                              header(LAYOUTS["main27"]) + lines[10:]) + "\n")
+    first, second = list(PROXY.records(path, "dup.log", max_bytes=900_000))
+    assert dict(first.headers)["spot.fields_error"] == b"the #Fields: header names cs-host more than once"
+    assert "spot.fields_error" not in dict(second.headers)
+    assert _lines_of([first]) == lines[:10] and _lines_of([second]) == lines[10:]
+
+
+def test_master_killed_mid_file_republishes_the_same_messages_then_only_new_lines(tmp_path):
+    """A grown log loses no line and doubles none, on the master's side: a
+    publication stopped half-way is cut again byte for byte (same ids, same
+    output names), and a file offered again publishes only what follows."""
+    from pipelines.proxy import MESSAGE_ID_PATTERN, output_name
+    state = tmp_path / "state"
+    path = tmp_path / "grow.log"
+    lines = list(log_lines(3000, LAYOUTS["main27"], seed=5))
+    text = "\n".join(header(LAYOUTS["main27"]) + lines) + "\n"
+    half = text.index(lines[1500]) + 40          # the writer stops in the middle of a line
+    path.write_text(text[:half])
+    items = PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state)
+    sent = [next(items), next(items), next(items)]
+    items.close()                                 # the master dies before the rest
+    with open(path, "a") as f:                    # ... and the writer comes back
+        f.write(text[half:])
+    again = list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state))
+    assert [(m.value, m.headers) for m in again[:3]] == [(m.value, m.headers) for m in sent]
+    assert [output_name(m.value, m.headers) for m in again[:3]] == \
+        [output_name(m.value, m.headers) for m in sent]
+    assert _lines_of(again) == lines, "every line once, the cut one whole"
+    assert all(re.fullmatch(MESSAGE_ID_PATTERN, dict(m.headers)["spot.id"].decode()) for m in again)
+    assert len({dict(m.headers)["spot.id"] for m in again}) == len(again)
+    assert list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state)) == []
+    with open(path, "a") as f:
+        f.write(lines[0] + "\n")
+    [more] = list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state))
+    assert more.value.decode() == lines[0]
+    assert dict(more.headers)["spot.first_line"] == str(len(lines) + 5).encode()
+
+
+def test_last_line_without_newline_waits_while_the_file_grows(tmp_path):
+    state = tmp_path / "state"
+    path = tmp_path / "tail.log"
+    lines = list(log_lines(20, LAYOUTS["main27"], seed=6))
+    path.write_text("\n".join(lines[:10]) + "\n" + lines[10][:50])
+    items = PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state)
+    first = next(items)
+    with open(path, "a") as f:                    # the writer goes on during the read
+        f.write(lines[10][50:] + "\n")
+    assert list(items) == [], "the cut line is not published while the file grows"
+    assert _lines_of([first]) == lines[:10]
+    [rest] = list(PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state))
+    assert _lines_of([rest]) == [lines[10]]
+    with open(path, "a") as f:                    # a final line without newline
+        f.write(lines[11])
+    [last] = list(PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state))
+    assert _lines_of([last]) == [lines[11]], "an unchanged file is final: its last line is published"
+
+
+def test_new_file_reusing_the_inode_is_published_from_its_start(tmp_path):
+    state = tmp_path / "state"
+    path = tmp_path / "reuse.log"
+    old = list(log_lines(50, LAYOUTS["main27"], seed=7))
+    new = list(log_lines(80, LAYOUTS["main27"], seed=8))
+    path.write_text("\n".join(old) + "\n")
+    assert _lines_of(PROXY.records(path, "reuse.log", 900_000, state_dir=state)) == old
+    with open(path, "r+") as f:                   # same inode, other content (copytruncate)
+        f.truncate(0)
+        f.write("\n".join(new) + "\n")
+    assert _lines_of(PROXY.records(path, "reuse.log", 900_000, state_dir=state)) == new

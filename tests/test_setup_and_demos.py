@@ -1,6 +1,8 @@
 """What a newcomer runs first: the set-up script, the repository's scripts
-without an activated environment, and the demos (as root and as a normal
-user). The whole path on a freshly installed system is test_fresh_system.py."""
+without an activated environment, and the demos. The demos as a normal user,
+and the whole path on a freshly installed system, are in
+test_fresh_system.py (a normal user cannot enter a clone under /root, where
+CI may put this one); test_dns.py runs the dns sample as a normal user."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,24 +88,6 @@ def test_flow_demo_starts_clean_and_leaves_configured_directories_alone(tmp_path
                            timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "20000" in shown.stdout
-
-
-def test_dns_demo_as_a_normal_user(broker):
-    # pytest's own temporary folders are private to root: use one nobody can enter.
-    root = Path(tempfile.mkdtemp(prefix="spot-demo-user-"))
-    try:
-        os.chmod(root, 0o777)
-        config = demo_config(root / "conf", broker, "dns_demo", "dns",
-                             supported_files=[".pcap"], pkt_num=500)
-        for path in [root / "conf", root / "conf" / "collector", config]:
-            os.chmod(path, 0o777 if path.is_dir() else 0o644)
-        result = run_demo(config, "dns_demo", user="nobody")
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "dns table: 2000 rows" in result.stdout
-        sandbox = root / "conf" / "staging" / "demo" / "dns_demo"
-        assert all(p.stat().st_uid == 65534 for p in sandbox.rglob("*.parquet"))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_missing_tool_is_one_line_naming_the_package(tmp_path, broker):

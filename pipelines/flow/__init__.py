@@ -9,8 +9,11 @@ than the original's ``-o csv`` export (benchmarks/bench_flow.py).
 """
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +27,8 @@ from spot_ingest.tools import ToolRun, stream_csv
 
 from .protocols import PROTOCOL_NAMES
 
+log = logging.getLogger(__name__)
+
 # (nfdump format tag, Arrow type it is read as) in output order.
 NFDUMP_FIELDS = (
     ("tr", pa.string()), ("td", pa.float32()), ("sa", pa.string()), ("da", pa.string()),
@@ -35,9 +40,51 @@ NFDUMP_FIELDS = (
 )
 NFDUMP_FORMAT = "fmt:" + ",".join(f"%{tag}" for tag, _ in NFDUMP_FIELDS)
 
-# Options that would change what nfdump prints or reads, and so break parsing.
-FORBIDDEN_OPTIONS = {"-r", "-R", "-M", "-w", "-o", "-s", "-I", "-g", "-E", "-v", "-x",
-                     "-X", "-Z", "-h", "-V", "-q", "-N", "-6", "-j", "-z", "-y", "-J", "-l"}
+# process_opt is parsed as nfdump 1.7 parses its command line: glibc getopt
+# with this option string (src/nfdump/nfdump.c), which permutes, so options
+# count wherever they stand (also after the filter words); letters cluster
+# (``-aNw FILE`` is -a, -N, -w FILE), a value may be glued (``-c5``) or the
+# next argument, and ``--`` ends the options. Whatever is not an option is the
+# filter expression: nfdump joins those arguments with spaces.
+NFDUMP_OPTSTRING = "6aA:Bbc:C:D:E:G:s:ghn:i:jf:qyzr:v:w:J:M:NImO:R:XZt:TVv:x:l:L:o:"
+_NFDUMP_TAKES_VALUE = {c: NFDUMP_OPTSTRING[i + 1:i + 2] == ":"
+                       for i, c in enumerate(NFDUMP_OPTSTRING) if c != ":"}
+
+# The ALLOW-list of nfdump options is empty: process_opt takes a filter
+# expression only (e.g. "not proto icmp"). Every nfdump 1.7 option either
+# writes a file, reads something else than the staged file, or changes which
+# rows or which text nfdump prints (the table is one row per flow, parsed from
+# the fixed format above), as said here for each; all are refused.
+NFDUMP_OPTION_REFUSED = {
+    "r": "reads another file (the pipeline reads the staged file)",
+    "R": "reads other files", "M": "reads other directories",
+    "f": "reads the filter from a file (write the filter itself in process_opt)",
+    "C": "reads a configuration file", "G": "reads a geo database file",
+    "w": "writes a file", "z": "compresses a file written with -w",
+    "y": "compresses a file written with -w", "j": "compresses a file written with -w",
+    "J": "rewrites the input file with another compression",
+    "i": "rewrites the ident stored in the input file",
+    "a": "aggregates flows: rows would no longer be single flows",
+    "A": "aggregates flows: rows would no longer be single flows",
+    "b": "aggregates flows into bidirectional ones", "B": "aggregates flows into bidirectional ones",
+    "c": "stops after that many flows: the rest of the file would be dropped without a word",
+    "t": "drops the flows outside a fixed time window without a word",
+    "l": "drops flows by packet count (write it in the filter: packets > N)",
+    "L": "drops flows by byte count (write it in the filter: bytes > N)",
+    "s": "prints statistics instead of flows", "n": "prints a top N instead of all flows",
+    "I": "prints file statistics instead of flows", "g": "prints gnuplot lines instead of flows",
+    "E": "prints the exporters instead of flows", "x": "prints extension maps instead of flows",
+    "v": "verifies a file instead of printing flows", "X": "prints the filter engine and exits",
+    "Z": "checks the filter and exits: nothing would be loaded",
+    "h": "prints help and exits", "V": "prints the version and exits",
+    "o": "sets the output format, which the flow pipeline chooses and parses",
+    "O": "sorts the flows (and holds the whole file in memory)",
+    "m": "sorts the flows (deprecated: warns on stderr)",
+    "T": "adds tag records to the output", "D": "sends host lookups to a name server",
+    "6": "is set by the flow pipeline itself", "N": "is set by the flow pipeline itself",
+    "q": "is set by the flow pipeline itself",
+}
+assert set(NFDUMP_OPTION_REFUSED) == set(_NFDUMP_TAKES_VALUE), "every nfdump option is decided"
 
 NO_FLOWS = b"No matching flows"
 
@@ -57,6 +104,60 @@ HIVE_INT_PARTITIONS = pa.schema([("y", pa.int16()), ("m", pa.int8()), ("d", pa.i
 
 _PROTOCOL_NAMES = pa.array(PROTOCOL_NAMES, pa.string())
 _UINT32_WRAP = 1 << 32
+
+
+def split_nfdump_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` as nfdump's getopt sees them: (options, each as written, e.g.
+    ``-w FILE``; filter words). ValueError for what getopt itself rejects."""
+    options, words = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            words += args[i:]
+            break
+        if not arg.startswith("-") or arg == "-":
+            words.append(arg)              # permuted: options may follow
+            continue
+        if arg.startswith("--"):
+            raise ValueError(f"nfdump has no long options ('{arg}')")
+        for j in range(1, len(arg)):
+            letter = arg[j]
+            if letter not in _NFDUMP_TAKES_VALUE:
+                raise ValueError(f"nfdump has no option -{letter} (in '{arg}')")
+            if _NFDUMP_TAKES_VALUE[letter]:
+                value = arg[j + 1:]
+                if not value:
+                    if i >= len(args):
+                        raise ValueError(f"nfdump option -{letter} needs a value")
+                    value = args[i]
+                    i += 1
+                options.append(f"-{letter} {value}")
+                break
+            options.append(f"-{letter}")
+    return options, words
+
+
+_FILTER_CHECKS: dict[str, str | None] = {}
+
+
+def nfdump_filter_problem(text: str) -> str | None:
+    """What nfdump says of the filter (``nfdump -Z``: compile it and exit,
+    before any file is opened), or None if it takes it. Not checked where
+    nfdump is not installed (the worker, which runs it, checks it when it
+    loads the configuration)."""
+    if text not in _FILTER_CHECKS:
+        if shutil.which("nfdump") is None:
+            log.info("nfdump is not on PATH: the filter %r is checked where it runs", text)
+            return None
+        result = subprocess.run(["nfdump", "-Z", "--", text], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=60,
+                                env={**os.environ, "LC_ALL": "C"})
+        message = " ".join((result.stderr or result.stdout).split())
+        _FILTER_CHECKS[text] = (None if result.returncode == 0 else
+                                message or f"exit code {result.returncode}")
+    return _FILTER_CHECKS[text]
 
 
 def _trim(col: pa.Array) -> pa.Array:
@@ -127,17 +228,30 @@ class FlowPipeline(Pipeline):
             extra = shlex.split(raw.get("process_opt", "") or "")
         except ValueError as exc:
             raise error("process_opt", f"cannot split into arguments: {exc}") from None
-        for arg in extra:
-            flag = arg[:2]
-            if flag in FORBIDDEN_OPTIONS:
-                raise error("process_opt", f"nfdump option {flag} is set by the flow pipeline "
-                            f"itself (it reads the file and chooses the output format); remove it")
-        return {"nfdump_args": tuple(extra)}
+        try:
+            options, words = split_nfdump_args(extra)
+        except ValueError as exc:
+            raise error("process_opt", f"{exc}; process_opt takes only a filter expression "
+                                       f"(e.g. \"not proto icmp\"); remove it") from None
+        if options:
+            refused = ", ".join(f"{o} ({NFDUMP_OPTION_REFUSED[o[1]]})" for o in options)
+            raise error("process_opt", f"nfdump option{'s' if len(options) > 1 else ''} not "
+                                       f"allowed: {refused}; process_opt takes only a filter "
+                                       f"expression (e.g. \"not proto icmp\"); remove it")
+        text = " ".join(words)
+        if not text.strip():
+            return {"nfdump_args": ()}
+        problem = nfdump_filter_problem(text)
+        if problem:
+            raise error("process_opt", f"nfdump cannot use the filter '{text}': {problem}")
+        # One argument after "--": nfdump can take no part of it for an option,
+        # wherever the worker puts it.
+        return {"nfdump_args": ("--", text)}
 
     def nfdump_command(self, path: Path, cfg) -> list[str]:
         extra = list(cfg.options["nfdump_args"]) if cfg and cfg.options else []
-        # User options (e.g. a filter expression) go last: nfdump takes its
-        # trailing non-option arguments as the filter.
+        # The filter ("--", expression) goes last: nfdump takes its trailing
+        # non-option arguments as the filter.
         return ["nfdump", "-q", "-N", "-6", "-r", str(path), "-o", NFDUMP_FORMAT, *extra]
 
     def convert(self, path: Path, cfg=None, block_size: int = 4 << 20) -> Iterator[pa.RecordBatch]:
