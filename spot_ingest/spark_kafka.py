@@ -61,6 +61,7 @@ class KafkaStreamReader(DataSourceStreamReader):
         self.topic = options["topic"]
         self.group = options.get("group")
         self._consumer = None
+        self._last_ends: dict = {}
 
     def _consumer_for(self, **kwargs):
         """A KafkaConsumer with the configured TLS/SASL settings; a refusal
@@ -94,7 +95,21 @@ class KafkaStreamReader(DataSourceStreamReader):
         return {p: 0 for p in self._ends()}
 
     def latestOffset(self, start: dict | None = None, limit=None) -> dict:
-        return self._ends()
+        # A broker that does not answer must not stop the query: no new data
+        # this micro-batch, the same question at the next trigger.
+        try:
+            self._last_ends = self._ends()
+        except Exception as exc:
+            if not self._last_ends:
+                raise     # nothing known to stand on: the query fails and says why
+            import logging
+            logging.getLogger("spot_ingest.spark_kafka").warning(
+                "the broker does not answer (%s: %s); no new data this micro-batch",
+                type(exc).__name__, exc)
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+        return dict(self._last_ends)
 
     def partitions(self, start: dict, end: dict):
         return [KafkaRange(self.topic, int(p), int(start.get(p, 0)), int(e))
