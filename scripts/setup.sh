@@ -144,4 +144,4 @@ tests_done=$with_tests
 printf 'fingerprint=%s\ntests=%s\n' "$fingerprint" "$tests_done" >"$stamp"
 java_version="$(java -version 2>&1 | head -n1 || true)"
 say "ready: $(PATH="$PATH:/usr/sbin" nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); $java_version; .venv/bin/python ($("$venv/bin/python" -V 2>&1))"
-say "commands: .venv/bin/spot-master, spot-worker, spot-stream, spot-standalone (add \"$venv/bin\" to PATH to call them by name)"
+say "commands: .venv/bin/spot-ingest (and its aliases spot-master, spot-worker, spot-stream, spot-standalone); add \"$venv/bin\" to PATH to call them by name"

@@ -1,6 +1,8 @@
-"""Command lines: ``spot-master``, ``spot-worker``, ``spot-stream``, ``spot-standalone``
-(also ``master_collector.py``, ``worker.py`` and ``start_standalone_ingest.sh``
-at the top of the repository, with the original's options)."""
+"""Command lines: ``spot-ingest SUBCOMMAND`` (master, worker, stream,
+standalone), with the aliases ``spot-master``, ``spot-worker``, ``spot-stream``
+and ``spot-standalone`` (also ``master_collector.py``, ``worker.py`` and
+``start_standalone_ingest.sh`` at the top of the repository, with the
+original's options)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +11,7 @@ import os
 import sys
 
 from .config import ConfigError, default_config_path, load
+from .exitcodes import ExitCode
 from .logs import setup_logging
 
 log = logging.getLogger("spot_ingest")
@@ -32,7 +35,7 @@ def _load(args, check_paths: bool):
         return cfg
     except ConfigError as exc:
         log.error("%s", exc)
-        sys.exit(2)
+        sys.exit(ExitCode.CONFIG)
 
 
 def master_main(argv=None) -> int:
@@ -91,17 +94,17 @@ def stream_main(argv=None) -> int:
     if plugin.consumer != "streaming":
         log.error("pipeline %s (type %s) is loaded by workers (worker.py), not by a streaming job",
                   pcfg.name, pcfg.type)
-        return 2
+        return ExitCode.CONFIG
     try:
         partitions = ensure_topic(cfg.kafka, pcfg.topic, args.partitions or 1)
     except BusError as exc:
         log.error("%s", exc)
-        return 1
+        return ExitCode.ERROR
     try:
         return plugin.run_stream(cfg, pcfg, partitions, args.run_id, fresh_topic=args.new_broker)
     except registry.ToolMissingError as exc:
         log.error("%s", exc)
-        return 2
+        return ExitCode.CONFIG
 
 
 def standalone_main(argv=None) -> int:
@@ -114,8 +117,9 @@ def main(argv=None) -> int:
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
                 "standalone": standalone_main}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m spot_ingest.cli {{{','.join(commands)}}} ...", file=sys.stderr)
-        return 2
+        print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
+              file=sys.stderr)
+        return ExitCode.OK if argv[:1] in (["-h"], ["--help"]) else ExitCode.CONFIG
     return commands[argv[0]](argv[1:])
 
 

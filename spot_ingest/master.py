@@ -33,6 +33,7 @@ from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, await_ack, c
                   ensure_topic, retry_kafka, security_problem)
 from .config import IngestConfig, KafkaConfig, PipelineConfig, read_signing_key
 from .kafka_security import client_kwargs
+from .exitcodes import ExitCode
 from .logs import printable, setup_logging
 from .store import LocalStore, SourceError, StagedFile, set_aside
 from .watcher import CollectorWatcher
@@ -42,7 +43,6 @@ log = logging.getLogger("spot_ingest.master")
 MAX_BACKOFF = 60.0
 SOURCE_ATTEMPTS = 5     # a file that cannot be read this many times is set aside
 RETENTION_EVERY = 3600.0
-EXIT_OK, EXIT_ERROR, EXIT_FILES_FAILED = 0, 1, 3
 
 
 class MasterError(Exception):
@@ -244,7 +244,7 @@ class Master:
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
-            os._exit(EXIT_ERROR)
+            os._exit(ExitCode.ERROR)
         log.info("stopping: files in progress stay in the collector directory and are "
                  "taken again at the next start")
         self.stopping = True
@@ -297,7 +297,8 @@ class Master:
             self.announcer.close()
         log.info("master done: %d file(s) announced as %d piece(s), %d rejected",
                  self.counts["announced"], self.counts["pieces"], self.counts["rejected"])
-        return EXIT_FILES_FAILED if self.counts["rejected"] or self.counts["set_aside"] else EXIT_OK
+        return (ExitCode.INPUT_SET_ASIDE if self.counts["rejected"] or self.counts["set_aside"]
+                else ExitCode.OK)
 
     def _end_run(self) -> None:
         marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, self.run_id or "", self.host)
@@ -514,4 +515,4 @@ def run(cfg: IngestConfig, pipeline_name: str, workers: int, once: bool = False,
         return master.run()
     except (MasterError, BusError, registry.ToolMissingError) as exc:
         log.error("%s", exc)
-        return EXIT_ERROR
+        return ExitCode.ERROR

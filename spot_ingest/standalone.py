@@ -32,6 +32,7 @@ from . import pipeline as registry
 from .broker import BrokerError, EmbeddedBroker, is_listening
 from .bus import BusError, ensure_topic
 from .config import ConfigError, IngestConfig, default_config_path, load
+from .exitcodes import ExitCode
 from .logs import setup_logging
 from .store import local_root
 
@@ -165,10 +166,10 @@ def main(argv=None) -> int:
         cfg.check_collector_path(pcfg.name)
     except (ConfigError, registry.ToolMissingError) as exc:
         log.error("%s", exc)
-        return 2
+        return ExitCode.CONFIG
     except (OSError, RuntimeError) as exc:   # the sample's tools failed
         log.error("demo: could not make the sample capture: %s", exc)
-        return 2
+        return ExitCode.CONFIG
 
     conf = ["-c", str(cfg.path)]
     level = ["--log-level", args.log_level] if args.log_level else []
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
         if args.demo and total:
             print(f"query it, e.g.: .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT count(*) "
                   f"FROM read_parquet('{hive}/**/*.parquet', hive_partitioning=true)\\\").show()\"")
-    return 1 if failed else 0
+    return ExitCode.ERROR if failed else ExitCode.OK
 
 
 def _supervise(children: list[Child], once: bool, stop: dict) -> bool:
@@ -261,16 +262,16 @@ def _child_exited(child: Child, code: int, once: bool, stop: dict) -> bool:
     """Handle one child's exit; return True if it counts as a failure."""
     if once:
         child.exit_code = code
-        if code == 0:
+        if code == ExitCode.OK:
             return False
-        if code == 3:
+        if code == ExitCode.INPUT_SET_ASIDE:
             log.error("%s: some files failed and were set aside; see %s", child.role, child.log_path)
             return True
         log.error("%s exited with code %s; stopping the run; see %s", child.role, code,
                   child.log_path)
         stop["requested"] = True
         return True
-    if code == 2 or child.restarts >= RESTART_LIMIT:
+    if code == ExitCode.CONFIG or child.restarts >= RESTART_LIMIT:
         child.exit_code = code
         log.error("%s exited with code %s; not restarting it; see %s", child.role, code,
                   child.log_path)

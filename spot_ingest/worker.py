@@ -38,6 +38,7 @@ from kafka.errors import KafkaError
 from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecurityError,
                   PartitionReader, retry_kafka, security_problem, signature_problem)
 from .config import IngestConfig, PipelineConfig, read_signing_key
+from .exitcodes import ExitCode
 from .logs import printable, setup_logging
 from .pipeline import BadInputError
 from .store import SHA256_RE, LocalStore, RefusedInput
@@ -50,7 +51,6 @@ PROGRESS_SECONDS = 10.0
 IDLE_CHECK_SECONDS = 10.0
 MAX_BACKOFF = 60.0
 TIMEOUT_ATTEMPTS = 3      # a file whose conversion times out this often is set aside
-EXIT_OK, EXIT_FILES_FAILED, EXIT_ERROR = 0, 3, 1
 
 
 @dataclass
@@ -331,7 +331,7 @@ class Worker:
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
             log.warning("second stop signal: exiting now; unfinished files will be redone")
-            os._exit(EXIT_ERROR)
+            os._exit(ExitCode.ERROR)
         log.info("stopping: finishing %d file(s) in progress (signal again to abort)",
                  sum(1 for f in self.in_flight.values() if f.future))
         self.stopping = True
@@ -344,12 +344,12 @@ class Worker:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
         self.reader = self._connect()
         if self.reader is None:
-            return EXIT_OK    # stopped before the broker answered: nothing was taken
+            return ExitCode.OK    # stopped before the broker answered: nothing was taken
         start = self._until_answered(lambda: self.reader.committed(timeout_ms=5000),
                                      "read the committed offset")
         if self.stopping:
             self.reader.close()
-            return EXIT_OK
+            return ExitCode.OK
         log.info("worker %d of pipeline %s reading %s partition %d from %s, %d processes",
                  self.worker_id, self.pcfg.name, self.topic, self.worker_id,
                  f"offset {start}" if start is not None else "the beginning", self.processes)
@@ -370,7 +370,8 @@ class Worker:
         log.info("worker %d done: %d file(s) loaded (%d rows), %d quarantined, %d announcement(s) "
                  "refused", self.worker_id, self.counts["loaded"], self.counts["rows"],
                  self.counts["quarantined"], self.counts["refused"])
-        return EXIT_FILES_FAILED if self.counts["quarantined"] or self.counts["refused"] else EXIT_OK
+        return (ExitCode.INPUT_SET_ASIDE if self.counts["quarantined"] or self.counts["refused"]
+                else ExitCode.OK)
 
     def _new_reader(self) -> PartitionReader:
         return PartitionReader(self.cfg.kafka, self.topic, self.worker_id, self.pcfg.name)
@@ -569,4 +570,4 @@ def run(cfg: IngestConfig, pipeline_name: str, worker_id: int, topic: str | None
         return worker.run()
     except (BusError, registry.ToolMissingError) as exc:
         log.error("%s", exc)
-        return EXIT_ERROR
+        return ExitCode.ERROR

@@ -96,6 +96,15 @@ def _no_process_left_behind():
     _reap_zombies()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything outside tests/unit runs real processes and tools: marked
+    ``integration``, so ``pytest -m "not integration"`` runs the fast layer."""
+    unit = REPO / "tests" / "unit"
+    for item in items:
+        if unit not in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail a run that leaves semaphores or code archives behind."""
     import glob

@@ -104,7 +104,7 @@ def test_unknown_pipeline_type(tmp_path):
     data = original_file(tmp_path)
     data["pipelines"]["flow_internals"]["type"] = "netflow"
     expect_error(tmp_path, data, "pipelines.flow_internals.type", "unknown pipeline type 'netflow'",
-                 "known types: dns, flow")
+                 "known types: dns, flow, proxy")
 
 
 def test_collector_path_that_does_not_exist(tmp_path):

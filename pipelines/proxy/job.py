@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from spot_ingest.logs import printable
+from spot_ingest.exitcodes import ExitCode
 from spot_ingest.spark_env import DEFAULT_BIND_ADDRESS, CodeArchive, prepare_environment
 
 log = logging.getLogger("spot_ingest.proxy_job")
@@ -305,7 +306,7 @@ def run(cfg, pcfg, partitions: int, run_id: str | None = None, fresh_topic: bool
     from . import RUN_ID_PATTERN
     if run_id is not None and not re.fullmatch(RUN_ID_PATTERN, run_id):
         log.error("--run-id %r is not a run id (%s)", run_id, RUN_ID_PATTERN)
-        return 2
+        return ExitCode.CONFIG
     trigger = float(cfg.spark_streaming.get("spark_batch_size") or 5)
     root = local_root(cfg.hdfs_app_path) / "proxy"
     checkpoint = root / "_checkpoints" / pcfg.name
@@ -394,16 +395,16 @@ def _run(cfg, pcfg, partitions: int, run_id: str | None, spark, checkpoint: Path
                 break
         if query.exception():
             log.error("streaming query failed: %s", query.exception())
-            return 1
+            return ExitCode.ERROR
         if totals.get("failed"):
-            return 1
+            return ExitCode.ERROR
     finally:
         query.stop()
         spark.stop()
     log.info("proxy job done: %d rows, %d rejected lines, %d rejected messages in %d batches",
              totals["rows"], totals["rejects"], totals["bad"], totals["batches"])
     # A --once run reports rejected input the way workers report quarantined files.
-    return 3 if run_id and (totals["rejects"] or totals["bad"]) else 0
+    return ExitCode.INPUT_SET_ASIDE if run_id and (totals["rejects"] or totals["bad"]) else ExitCode.OK
 
 
 def _lag(progress) -> int | None:
