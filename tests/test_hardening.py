@@ -2,7 +2,6 @@
 umask, and a conversion that runs too long is killed, retried, set aside."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -40,8 +39,7 @@ def test_created_files_get_the_configured_modes_whatever_the_umask(make_env, tmp
     assert aside["files"] == {0o640} and aside["dirs"] == {0o750}, aside
 
     env2 = make_env("modes2")
-    env2.data.update(file_mode="0660", dir_mode="0770")
-    env2.config.write_text(json.dumps(env2.data))
+    env2.set(file_mode="0660", dir_mode="0770")
     make_nfcapd_file(env2.collector / "nfcapd.202611210000", 300, seed=52)
     run_once(env2, umask=0o077)
     assert modes_under(env2.warehouse) == {"files": {0o660}, "dirs": {0o770}}

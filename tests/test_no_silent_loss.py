@@ -3,7 +3,6 @@ named after one, runs the real master (and worker where rows matter), and
 checks that nothing was lost and that the logs say what happened."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -102,8 +101,7 @@ def test_file_changed_after_it_was_read_is_kept_and_taken_again(make_env, tmp_pa
     settle_seconds): the master must not delete the grown file."""
     with EmbeddedBroker() as own:
         env = make_env("grow", settle_seconds=0.2)
-        env.data["kafka"]["kafka_port"] = str(own.port)
-        env.config.write_text(json.dumps(env.data))
+        env.set(**{"kafka.kafka_port": str(own.port)})
         src = make_nfcapd_file(tmp_path / "nfcapd.202611210500", 800, seed=43)
         target = env.collector / src.name
         master = env.master(1)

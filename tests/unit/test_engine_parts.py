@@ -119,3 +119,15 @@ def test_balancer_is_round_robin_between_equals():
         b.sent(p)
         picks.append(p)
     assert picks == [0, 1, 2, 0, 1, 2]
+
+
+def test_writer_as_a_block_commits_or_aborts(tmp_path):
+    with TableWriter(tmp_path, "part-ok", SCHEMA, PARTS, "w0") as w:
+        w.write(batch([1, 2], [3, 3]))
+    assert table_files(tmp_path / "hive") == ["y=2026/h=3/part-ok.parquet"]
+    with pytest.raises(RuntimeError):
+        with TableWriter(tmp_path, "part-bad", SCHEMA, PARTS, "w0") as w:
+            w.write(batch([1, 2], [4, 4]))
+            raise RuntimeError("conversion failed half-way")
+    assert table_files(tmp_path / "hive") == ["y=2026/h=3/part-ok.parquet"]
+    assert not list((tmp_path / "_tmp").iterdir())
