@@ -6,7 +6,7 @@
 #
 # 1. System packages, through apt-get (as root, or through sudo): Python's venv
 #    module, nfdump, tshark (with editcap), Java 17+ for PySpark, dnsmasq for the
-#    dns demo; with --test also tcpdump, softflowd and stunnel4.
+#    dns demo; with --test also tcpdump, softflowd, stunnel4, openssl, iproute2.
 # 2. A virtual environment in .venv/ at the repository root with the package
 #    (editable) and its Python dependencies, PySpark and the embedded broker
 #    included. Nothing is installed into the system's Python.
@@ -29,7 +29,7 @@ with_tests=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_tests=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,8 +78,13 @@ have tshark  || missing+=(tshark)          # brings editcap
 have dnsmasq || missing+=(dnsmasq-base)    # the binary only: no system DNS service is started
 java_ok=1
 have_java17 || java_ok=0
-(( with_tests )) && { have tcpdump || missing+=(tcpdump); have softflowd || missing+=(softflowd)
-                      have stunnel4 || missing+=(stunnel4); }   # TLS in front of the test broker
+if (( with_tests )); then
+  have tcpdump   || missing+=(tcpdump)
+  have softflowd || missing+=(softflowd)   # a real NetFlow v9/IPFIX exporter
+  have stunnel4  || missing+=(stunnel4)    # TLS in front of the test broker
+  have openssl   || missing+=(openssl)     # the TLS test's CA and certificates
+  have ip        || missing+=(iproute2)    # network namespaces: a worker on another "host"
+fi
 
 if (( ${#missing[@]} )) || (( ! java_ok )); then
   (( java_ok )) || missing+=("Java 17+")

@@ -35,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 COPY_CHUNK = 1 << 20
 MARKER = ".spot-ingest-store"
@@ -153,7 +154,49 @@ def _same_fs(a: Path, b: Path) -> bool:
         return False
 
 
-class LocalStore:
+class Store(Protocol):
+    """What the engine does with the shared store, and what it may rely on.
+    ``LocalStore`` (a local path, an NFS or HDFS NFS-gateway mount) is the one
+    implementation today; an HDFS store goes behind the same methods.
+
+    * ``mark()`` (master, at start) makes the marker that tells a reachable
+      store; ``check_reachable()`` raises ``StoreUnavailable`` without it.
+    * ``stage()`` copies a file in, hashing it on the way; the staged file is
+      visible under its final name only when complete, and that name carries
+      the checksum, so staging the same content twice lands on one name.
+    * ``staged_relative()`` and ``open_staged()`` accept from an announcement
+      only a regular file under ``<type>/binary/``, reached without following
+      symlinks (``RefusedInput`` otherwise); a missing file is "gone" only
+      while the store is reachable.
+    * ``quarantine()`` moves a checked staged file aside within the store,
+      ``refuse()`` keeps a refused announcement as a dead letter; neither
+      ever overwrites an earlier item or touches anything outside the store.
+    * ``table_root()`` is where ``TableWriter`` writes aside and renames.
+    * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
+      killed masters of this host; staged files past retention whose rows are
+      in the table (``mark_loaded()``).
+    """
+
+    def mark(self) -> None: ...
+    def check_reachable(self) -> None: ...
+    def stage(self, source: Path, ptype: str, relative_name: str,
+              collected_at: float) -> StagedFile: ...
+    def staged_relative(self, location: str, ptype: str) -> str: ...
+    def open_staged(self, relative: str) -> int: ...
+    def local_path(self, relative: str) -> Path: ...
+    def quarantine(self, relative: str, ptype: str, reason: str) -> Path: ...
+    def refuse(self, ptype: str, topic: str, partition: int, offset: int, reason: str,
+               record: dict) -> Path: ...
+    def table_root(self, table: str) -> Path: ...
+    def clean_incoming(self, ptype: str) -> int: ...
+    def mark_loaded(self, ptype: str, sha256: str) -> None: ...
+    def expire_staged(self, ptype: str, older_than_days: float,
+                      now: float | None = None) -> int: ...
+
+
+class LocalStore(Store):
+    """The store on a local path or a shared mount (see ``Store``)."""
+
     def __init__(self, location: str):
         self.root = local_root(location)
 
