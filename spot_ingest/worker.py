@@ -100,13 +100,22 @@ class _Hasher(threading.Thread):
         super().__init__(daemon=True)
         self.fd, self.digest, self.size, self.error = fd, hashlib.sha256(), 0, None
 
+    stop = False
+
     def run(self) -> None:
         try:
-            while chunk := os.pread(self.fd, 1 << 20, self.size):
+            while not self.stop and (chunk := os.pread(self.fd, 1 << 20, self.size)):
                 self.digest.update(chunk)
                 self.size += len(chunk)
         except OSError as exc:
             self.error = exc
+
+    def matches(self, ann: Announcement) -> bool:
+        """Wait for the whole file to be hashed; does it match the announcement?"""
+        self.join()
+        if self.error:
+            raise self.error
+        return self.digest.hexdigest() == ann.sha256 and self.size == ann.size
 
 
 def load_file(job: Job) -> Outcome:
@@ -122,6 +131,7 @@ def load_file(job: Job) -> Outcome:
     writer = TableWriter(store.table_root(plugin.table), output_name(ann), plugin.schema,
                          plugin.partition_schema, f"{job.tmp_prefix}-{os.getpid()}")
     rows = 0
+    hasher = None
     try:
         size = os.fstat(fd).st_size
         if size != ann.size:
@@ -139,10 +149,7 @@ def load_file(job: Job) -> Outcome:
                     log.info("%s: %d rows so far (%.0f rows/s)", printable(ann.original_name),
                              rows, rows / (now - started))
                     last_report = now
-        hasher.join()
-        if hasher.error:
-            raise hasher.error
-        if hasher.digest.hexdigest() != ann.sha256 or hasher.size != ann.size:
+        if not hasher.matches(ann):
             writer.abort()
             return _refuse(job, store, f"staged file {job.staged} has SHA-256 "
                                        f"{hasher.digest.hexdigest()}, the announcement says "
@@ -151,6 +158,10 @@ def load_file(job: Job) -> Outcome:
         store.mark_loaded(pcfg.type, ann.sha256)
     except (BadInputError, ToolTimeout) as exc:
         writer.abort()
+        if not hasher.matches(ann):   # not the announced file: refuse, never move it
+            return _refuse(job, store, f"staged file {job.staged} has SHA-256 "
+                                       f"{hasher.digest.hexdigest()}, the announcement says "
+                                       f"{ann.sha256}", started)
         if isinstance(exc, ToolTimeout) and job.attempt < TIMEOUT_ATTEMPTS:
             raise       # retried with backoff, then set aside
         reason = f"{exc}, {job.attempt} times" if isinstance(exc, ToolTimeout) else str(exc)
@@ -161,6 +172,9 @@ def load_file(job: Job) -> Outcome:
         writer.abort()
         raise
     finally:
+        if hasher is not None:     # never leave it reading a descriptor that is closed
+            hasher.stop = True
+            hasher.join()
         os.close(fd)
     return Outcome("loaded", rows, partitions, time.monotonic() - started)
 

@@ -45,17 +45,25 @@ def worker_host():
         ip("link", "set", ns_end, "netns", ns)
         ip("addr", "add", f"{HOST_IP}/30", "dev", host_end)
         ip("link", "set", host_end, "up")
-        ip("netns", "exec", ns, "ip", "addr", "add", f"{WORKER_IP}/30", "dev", ns_end)
-        ip("netns", "exec", ns, "ip", "link", "set", ns_end, "up")
-        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        in_ns(ns, "addr", "add", f"{WORKER_IP}/30", "dev", ns_end)
+        in_ns(ns, "link", "set", ns_end, "up")
+        in_ns(ns, "link", "set", "lo", "up")
         yield ns, ns_end
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", host_end], capture_output=True)
 
 
+def in_ns(ns: str, *args: str) -> None:
+    """``ip ARGS`` inside the namespace. nsenter only enters it; ``ip netns
+    exec`` and ``ip -n`` also remount / and /sys, which fails inside a chroot
+    (the fresh-system check runs this suite in one)."""
+    subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", "ip", *args], check=True,
+                   capture_output=True)
+
+
 def link(ns: str, dev: str, state: str) -> None:
-    ip("netns", "exec", ns, "ip", "link", "set", dev, state)
+    in_ns(ns, "link", "set", dev, state)
 
 
 class OffsetWatch(threading.Thread):
@@ -105,7 +113,8 @@ def test_worker_survives_a_cut_link_and_stops_when_told_during_one(tmp_path, wor
             log_path = env.logs / "worker-0.log"
             out = open(log_path, "ab")
             worker = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "spot_ingest.cli", "worker",
+                ["nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "spot_ingest.cli",
+                 "worker",
                  "-t", env.pipeline, "-i", "0", "-c", str(env.config)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
             out.close()

@@ -244,3 +244,13 @@ def test_the_same_file_twice_yields_its_rows_once(setup):
     assert code == 0 and rows(store) == 6
     assert hashlib.sha256(b"rows 6").hexdigest()[:32] in \
         next((store.root / "fake" / "hive").rglob("*.parquet")).name
+
+
+def test_unreadable_file_under_a_forged_checksum_is_refused_not_moved(setup):
+    cfg, store, tmp = setup
+    part = FakePartition()
+    announce(part, store, tmp, "broken", "bad", sha256="e" * 64)
+    code, worker = run(cfg, part)
+    assert code == 3 and worker.counts == {"loaded": 0, "quarantined": 0, "refused": 1, "rows": 0}
+    assert not (store.root / "fake" / "quarantine").exists()
+    assert len(list((store.root / "fake" / "binary").rglob("*broken"))) == 1, "left in place"
