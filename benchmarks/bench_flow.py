@@ -69,14 +69,14 @@ import sys, json, time
 sys.path.insert(0, {repo!r})
 from spot_ingest.bus import Announcement
 from spot_ingest.config import PipelineConfig
+from spot_ingest.store import LocalStore
 from spot_ingest.worker import Job, load_file
 from pipelines.flow import FLOW
-path, sha, store = sys.argv[1], sys.argv[2], sys.argv[3]
-import os
+relative, size, sha, store = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pcfg = PipelineConfig("bench", "flow", None, None, "", (), "t", 1, 1, None, True,
                       FLOW.parse_options({{}}, None))
-ann = Announcement("bench", "flow", path, os.path.getsize(path), sha, "bench", 0, "bench")
-out = load_file(Job(ann, pcfg, store, "bench"))
+ann = Announcement("bench", "flow", relative, size, sha, "bench", 0, "bench")
+out = load_file(Job(ann, relative, pcfg, store, "bench", "t", 0, 0))
 print(json.dumps({{"rows": out.rows, "status": out.status, "detail": out.detail}}))
 """
 
@@ -87,15 +87,15 @@ def part1(workdir: Path, flows: int) -> None:
     print(f"\n== Part 1: one file, {flows} flows, {size_mb:.0f} MB (nfcapd, uncompressed)")
     a_wall, a_mem = run_sampled(["nfdump", "-r", str(src), "-o", "csv"])
     a_utc, _ = run_sampled(["nfdump", "-r", str(src), "-o", "csv"], env={**os.environ, "TZ": "UTC"})
-    store = workdir / "warehouse-part1"
-    import hashlib
-    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    store = LocalStore(str(workdir / "warehouse-part1"))
+    store.mark()
+    staged = store.stage(src, "flow", src.name, time.time())   # as the master does
     script = workdir / "convert_one.py"
     script.write_text(CONVERT_ONE.format(repo=str(REPO)))
     result_file = workdir / "convert_one.out"
-    with open(result_file, "w") as out:
-        b_wall, b_mem = run_sampled([sys.executable, str(script), str(src), sha, str(store)],
-                                    stdout=out)
+    with open(result_file, "w") as out:   # the worker reads, checks and hashes it, then converts
+        b_wall, b_mem = run_sampled([sys.executable, str(script), staged.location, str(staged.size),
+                                     staged.sha256, str(store.root)], stdout=out)
     result = json.loads(result_file.read_text())
     assert result["status"] == "loaded" and result["rows"] == flows, result
     print(f"(a) nfdump -r FILE -o csv > /dev/null          {a_wall:6.2f} s   peak {a_mem:6.0f} MB")
@@ -143,6 +143,7 @@ def run_worker(workdir: Path, bootstrap: str, srcs, processes: int, cores: str |
     kafka = KafkaConfig(bootstrap.split(":")[0], int(bootstrap.split(":")[1]))
     ensure_topic(kafka, topic, 1)
     store = LocalStore(str(root / "warehouse"))
+    store.mark()
     announcer = Announcer(kafka, topic, 1, "bench")
     for i, src in enumerate(srcs):   # staged beforehand: this measures the worker alone
         staged = store.stage(src, "flow", src.name, time.time())
