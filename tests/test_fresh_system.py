@@ -85,7 +85,7 @@ def _fresh_run():
         tarball, seconds, reused = fresh_root.ensure_pristine(log.note)
         root.phases["pristine root (" + ("reused" if reused else "debootstrap") + ")"] = seconds
         root.create(SOURCE, tarball)
-        # Nothing beside the clone: the suite must not read ../shared or the like.
+        # Nothing beside the clone: the suite must read nothing from outside the repository.
         assert not (root.root / "root" / "shared").exists()
         yield Run(root)
     finally:
