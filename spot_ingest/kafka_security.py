@@ -195,6 +195,11 @@ def _authenticate(sock, auth: bytes, correlation: int) -> tuple[int, str | None,
     return code, message, data[pos + 4:pos + 4 + max(n, 0)]
 
 
+def _scram_attributes(message: bytes) -> dict[str, str]:
+    """``a=1,b=2`` of a SCRAM server message as a dict."""
+    return dict(p.split("=", 1) for p in message.decode("utf-8", "replace").split(",") if "=" in p)
+
+
 def _sasl_probe(sock, kafka: KafkaConfig, where: str) -> str | None:
     mechanism = kafka.sasl_mechanism
     body = struct.pack(">h", len(mechanism)) + mechanism.encode()
@@ -233,8 +238,7 @@ def _sasl_probe(sock, kafka: KafkaConfig, where: str) -> str | None:
     code, message, server_first = _authenticate(sock, f"n,,{first_bare}".encode(), 2)
     if code:
         return f"{failed}: {message or f'error code {code}'} ({check})"
-    fields = dict(p.split("=", 1) for p in server_first.decode("utf-8", "replace").split(",")
-                  if "=" in p)
+    fields = _scram_attributes(server_first)
     if "e" in fields:
         return f"{failed}: the broker answered '{fields['e']}' ({check})"
     if not fields.get("r", "").startswith(nonce) or "s" not in fields or "i" not in fields:
@@ -249,8 +253,7 @@ def _sasl_probe(sock, kafka: KafkaConfig, where: str) -> str | None:
     code, message, server_final = _authenticate(sock, f"{final_bare},p={proof}".encode(), 3)
     if code:
         return f"{failed}: {message or f'error code {code}'} ({check})"
-    final = dict(p.split("=", 1) for p in server_final.decode("utf-8", "replace").split(",")
-                 if "=" in p)
+    final = _scram_attributes(server_final)
     if "e" in final:
         return f"{failed}: the broker answered '{final['e']}' ({check})"
     return None

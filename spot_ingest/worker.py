@@ -21,6 +21,7 @@ read is moved, within the store, to quarantine.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import multiprocessing
@@ -30,7 +31,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from . import pipeline as registry
 from kafka.errors import KafkaError
@@ -187,8 +188,12 @@ def _refuse(job: Job, store: LocalStore, reason: str, started: float) -> Outcome
 
 
 def _record_fields(ann: Announcement) -> dict:
-    from dataclasses import asdict
     return asdict(ann)
+
+
+def _raw_record(value: bytes | None) -> dict:
+    """A record that is no announcement, as its dead letter keeps it."""
+    return {"value_base64": base64.b64encode(value or b"").decode()}
 
 
 def _init_pool_process(level: int) -> None:
@@ -483,16 +488,12 @@ class Worker:
         self.highest_seen = max(self.highest_seen, record.offset)
         problem = signature_problem(self.signing_key, record.value, record.headers)
         if problem:
-            import base64
-            self._refused(record.offset, problem,
-                          {"value_base64": base64.b64encode(record.value or b"").decode()})
+            self._refused(record.offset, problem, _raw_record(record.value))
             return
         try:
             ann = Announcement.decode(record.value)
         except Exception as exc:  # a foreign or corrupt message: never blocks the partition
-            import base64
-            self._refused(record.offset, f"not an announcement ({exc})",
-                          {"value_base64": base64.b64encode(record.value or b"").decode()})
+            self._refused(record.offset, f"not an announcement ({exc})", _raw_record(record.value))
             return
         if ann.kind == END_OF_RUN:
             if self.run_id and ann.run_id == self.run_id:

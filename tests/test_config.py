@@ -480,7 +480,7 @@ def test_bad_process_opt_stops_only_its_own_pipeline(tmp_path, bad, opt, fragmen
     for fragment in fragments:
         assert fragment in message, message
     # The pipeline is still listed where a name is looked up.
-    with pytest.raises(ConfigError, match=f"pipelines in this file: dns_server_1, flow_internals"):
+    with pytest.raises(ConfigError, match="pipelines in this file: dns_server_1, flow_internals"):
         cfg.pipeline("nope")
 
 

@@ -10,7 +10,6 @@ out). Needs root, as CI has.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

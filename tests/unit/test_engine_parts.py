@@ -101,24 +101,22 @@ def balancer(lags):
     return b
 
 
+def picks(b, n: int) -> list[int]:
+    """The partitions of ``n`` announcements in a row."""
+    chosen = []
+    for _ in range(n):
+        chosen.append(b.choose())
+        b.sent(chosen[-1])
+    return chosen
+
+
 def test_balancer_steers_away_from_a_backlog():
-    b = balancer([5, 0, 0])
-    picks = []
-    for _ in range(4):
-        p = b.choose()
-        b.sent(p)
-        picks.append(p)
-    assert picks == [1, 2, 1, 2], "the stopped worker's partition gets nothing new"
+    assert picks(balancer([5, 0, 0]), 4) == [1, 2, 1, 2], \
+        "the stopped worker's partition gets nothing new"
 
 
 def test_balancer_is_round_robin_between_equals():
-    b = balancer([0, 0, 0])
-    picks = []
-    for _ in range(6):
-        p = b.choose()
-        b.sent(p)
-        picks.append(p)
-    assert picks == [0, 1, 2, 0, 1, 2]
+    assert picks(balancer([0, 0, 0]), 6) == [0, 1, 2, 0, 1, 2]
 
 
 def test_writer_as_a_block_commits_or_aborts(tmp_path):
