@@ -30,7 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.dns.sample import make_dns_capture  # noqa: E402
+from spot_ingest.pipelines.dns.sample import make_dns_capture  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 
 ORIGINAL_TSHARK = ["-E", "separator=,", "-E", "header=y", "-E", "occurrence=f", "-T", "fields",

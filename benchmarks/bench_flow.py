@@ -31,7 +31,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.flow.sample import make_nfcapd_file  # noqa: E402
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.bus import Announcement, Announcer, ensure_topic  # noqa: E402
 from spot_ingest.config import KafkaConfig  # noqa: E402
@@ -71,7 +71,7 @@ from spot_ingest.bus import Announcement
 from spot_ingest.config import PipelineConfig
 from spot_ingest.store import LocalStore
 from spot_ingest.worker import Job, load_file
-from pipelines.flow import FLOW
+from spot_ingest.pipelines.flow import FLOW
 relative, size, sha, store = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pcfg = PipelineConfig("bench", "flow", None, None, "", (), "t", 1, 1, None, True,
                       FLOW.parse_options({{}}, None))

@@ -31,8 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.proxy import COLUMNS, ORIGINAL_FIELDS, PROXY, Message, output_name  # noqa: E402
-from pipelines.proxy.sample import log_lines, write_log  # noqa: E402
+from spot_ingest import lines as line_protocol  # noqa: E402
+from spot_ingest.lines import Message, output_name  # noqa: E402
+from spot_ingest.pipelines.proxy import COLUMNS, ORIGINAL_FIELDS, PROXY  # noqa: E402
+from spot_ingest.pipelines.proxy.sample import log_lines, write_log  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.bus import ensure_topic  # noqa: E402
 from spot_ingest.config import KafkaConfig  # noqa: E402
@@ -75,7 +77,7 @@ def publish(kafka: KafkaConfig, topic: str, path: Path, partitions: int) -> int:
     producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0,
                              max_request_size=1_000_000)
     n = 0
-    for item in PROXY.records(path, path.name, 900_000):
+    for item in line_protocol.cut(path, path.name, 900_000, PROXY):
         if isinstance(item, Message):
             producer.send(topic, item.value, partition=n % partitions, headers=item.headers).get(60)
             n += 1
@@ -106,8 +108,8 @@ def throughput(workdir: Path, log: Path, lines: int, trigger: float) -> None:
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 or f"done: {lines} rows" not in out:
         raise SystemExit(f"job failed or incomplete:\n{out[-3000:]}")
-    started = re.search(r"(\d\d:\d\d:\d\d,\d+) .* spot_ingest.proxy_job: streaming ", out).group(1)
-    ended = re.findall(r"(\d\d:\d\d:\d\d,\d+) .* spot_ingest.proxy_job: batch \d+: ", out)[-1]
+    started = re.search(r"(\d\d:\d\d:\d\d,\d+) .* spot_ingest.streaming: streaming ", out).group(1)
+    ended = re.findall(r"(\d\d:\d\d:\d\d,\d+) .* spot_ingest.streaming: batch \d+: ", out)[-1]
     to_s = lambda t: sum(float(x) * m for x, m in zip(t.replace(",", ".").split(":"), (3600, 60, 1)))  # noqa: E731
     streaming = to_s(ended) - to_s(started)
     print(f"(b) Spark job, {messages} messages: {wall:6.1f} s with start-up "
@@ -159,7 +161,7 @@ def latency(workdir: Path, trigger: float, rate: int, seconds: int) -> None:
                 lines = list(log_lines(per_msg, ORIGINAL_FIELDS, seed=i, start=time.time()))
                 path = root / "feed.log"
                 path.write_text("\n".join(lines) + "\n")
-                [msg] = [m for m in PROXY.records(path, f"feed{i}.log", 900_000)]
+                [msg] = [m for m in line_protocol.cut(path, f"feed{i}.log", 900_000, PROXY)]
                 mid = output_name(msg.value, msg.headers)   # the job names its output so
                 sent[mid] = time.time()
                 producer.send(topic, msg.value, partition=i % 2, headers=msg.headers).get(30)

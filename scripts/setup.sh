@@ -6,7 +6,7 @@
 #
 # 1. System packages, through apt-get (as root, or through sudo): Python's venv
 #    module, nfdump, tshark (with editcap), Java 17+ for PySpark, dnsmasq for the
-#    dns demo; with --test also tcpdump, softflowd, stunnel4, openssl, iproute2.
+#    dns demo; with --test also tcpdump, softflowd, stunnel4, openssl, iproute2, squid.
 # 2. A virtual environment in .venv/ at the repository root with the package
 #    (editable) and its Python dependencies, PySpark and the embedded broker
 #    included. Nothing is installed into the system's Python.
@@ -84,6 +84,7 @@ if (( with_tests )); then
   have stunnel4  || missing+=(stunnel4)    # TLS in front of the test broker
   have openssl   || missing+=(openssl)     # the TLS test's CA and certificates
   have ip        || missing+=(iproute2)    # network namespaces: a worker on another "host"
+  have squid     || missing+=(squid)       # writes the squid pipeline's real access.log (/usr/sbin)
 fi
 
 if (( ${#missing[@]} )) || (( ! java_ok )); then
@@ -116,9 +117,26 @@ if (( ${#missing[@]} )) || (( ! java_ok )); then
   # tshark asks whether non-root users may capture; the default (no) is right here.
   echo "wireshark-common wireshark-common/install-setuid boolean false" \
     | "${sudo[@]}" debconf-set-selections 2>/dev/null || true
+  # Installing squid starts a system-wide proxy on port 3128 where an init
+  # system runs (the package's postinst calls invoke-rc.d/deb-systemd-invoke);
+  # the tests start squid themselves, privately, on loopback. Both helpers ask
+  # /usr/sbin/policy-rc.d first and start nothing when it exits 101: put one in
+  # place for the install if the system has none (a container image often has
+  # its own, which is left alone), and remove it afterwards, even on failure.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\n# spot-ingest setup.sh: no service starts while it installs packages\nexit 101\n' \
+      | "${sudo[@]}" tee "$policy" >/dev/null && "${sudo[@]}" chmod 755 "$policy" && own_policy=1
+    trap '(( own_policy )) && "${sudo[@]}" rm -f "$policy"' EXIT
+  fi
   say "installing with apt-get: ${install[*]}"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${install[@]}" >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install failed (log: $log)"; }
+  if (( own_policy )); then
+    "${sudo[@]}" rm -f "$policy"
+    own_policy=0
+  fi
   rm -f "$log"
 fi
 

@@ -25,6 +25,7 @@ def use_project_venv() -> None:
     try:
         import kafka  # noqa: F401  (the first dependency any command needs)
     except ImportError:
+        from .policy import ExitCode    # standard library only, too
         sys.stderr.write(f"spot-ingest is not set up for {sys.executable}: run "
                          f"{REPO_ROOT / 'scripts' / 'setup.sh'} first\n")
-        sys.exit(2)
+        sys.exit(ExitCode.CONFIG)

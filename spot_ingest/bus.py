@@ -28,6 +28,7 @@ from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
 from .kafka_security import PasswordError, client_kwargs, diagnose
+from .policy import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def retry_kafka(action, what: str, timeout: float | None = None, kafka: KafkaCon
     """
     if security_fatal is None:
         security_fatal = timeout is not None
-    delay = 0.5
+    backoff = Backoff(first=0.5, most=10.0)
     deadline = time.monotonic() + timeout if timeout is not None else None
     # A handshake of our own first: kafka-python would retry for its whole
     # bootstrap timeout (30 s) before failing without saying why.
@@ -240,6 +241,7 @@ def retry_kafka(action, what: str, timeout: float | None = None, kafka: KafkaCon
             except KafkaError as exc:
                 problem = security_problem(kafka)
                 reason = f"{type(exc).__name__}: {exc}"
+        delay = backoff.delay()
         if problem is not None:
             if security_fatal or (deadline is not None and time.monotonic() + delay > deadline):
                 raise KafkaSecurityError(f"could not {what}: {problem}; {SECURITY_HINT}")
@@ -251,7 +253,6 @@ def retry_kafka(action, what: str, timeout: float | None = None, kafka: KafkaCon
         else:
             log.warning("could not %s (%s); retrying in %.1f s", what, reason, delay)
         time.sleep(delay)
-        delay = min(delay * 2, 10)
 
 
 def await_ack(future, what: str, timeout: float = 120, every: float = 5):
@@ -300,7 +301,7 @@ class Announcer:
 
     def send_raw(self, value: bytes, headers: list[tuple[str, bytes]], partition: int,
                  timeout: float = 30) -> tuple[int, int]:
-        """A record that is not an announcement (the proxy pipeline's lines)."""
+        """A record that is not an announcement (a message of the line protocol)."""
         future = self.producer.send(self.topic, value, partition=partition, headers=headers)
         meta = await_ack(future, "record", timeout)
         return meta.partition, meta.offset

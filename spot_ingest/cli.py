@@ -11,7 +11,7 @@ import os
 import sys
 
 from .config import ConfigError, default_config_path, load
-from .exitcodes import ExitCode
+from .policy import ExitCode
 from .logs import setup_logging
 
 log = logging.getLogger("spot_ingest")
@@ -19,7 +19,7 @@ log = logging.getLogger("spot_ingest")
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--type", required=True, metavar="PIPELINE",
-                        help="pipeline configuration name in ingest_conf.json, e.g. flow_internals")
+                        help="the name of a pipeline in ingest_conf.json")
     parser.add_argument("-c", "--config", default=None, metavar="FILE",
                         help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
@@ -77,31 +77,26 @@ def worker_main(argv=None) -> int:
 
 def stream_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spot-stream", description=
-        "Run the streaming job that loads a streaming pipeline's topic (proxy) into its table.")
+        "Run the streaming job that loads a record pipeline's topic into its table.")
     _common(parser)
     parser.add_argument("--partitions", type=int, default=None,
                         help="topic partitions (default: as the topic has, created with 1 if missing)")
     parser.add_argument("--run-id", default=None,
                         help="stop after the master's end-of-run marker of this --once run")
-    parser.add_argument("--new-broker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     cfg = _load(args, check_paths=False)
     from . import pipeline as registry
     from .bus import BusError, ensure_topic
     pcfg = cfg.pipeline(args.type)
-    plugin = registry.load(pcfg.type)
-    if plugin.consumer != "streaming":
-        log.error("pipeline %s (type %s) is loaded by workers (worker.py), not by a streaming job",
-                  pcfg.name, pcfg.type)
-        return ExitCode.CONFIG
     try:
         partitions = ensure_topic(cfg.kafka, pcfg.topic, args.partitions or 1)
     except BusError as exc:
         log.error("%s", exc)
         return ExitCode.ERROR
+    from . import streaming
     try:
-        return plugin.run_stream(cfg, pcfg, partitions, args.run_id, fresh_topic=args.new_broker)
+        return streaming.run(cfg, pcfg, partitions, args.run_id)
     except registry.ToolMissingError as exc:
         log.error("%s", exc)
         return ExitCode.CONFIG

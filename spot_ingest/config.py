@@ -635,12 +635,22 @@ def _umask(top: _Reader) -> int:
     return 0o777 & ~modes["dir_mode"]
 
 
+KAFKA_SOURCES = ("python", "spark")
+
+
 def _spark_options(top: _Reader) -> dict:
     """The original's spark-streaming keys; empty values mean Spark's default."""
     section = top.section("spark-streaming", required=False)
     # bind_address (new): where the driver and its UI listen; loopback by default.
+    # kafka_source (new): "python" (kafka-python, no jar) or "spark" (Spark's
+    # own Kafka source; kafka_connector names its jar or Maven coordinate).
     for key, kind in (("spark_exec", "pos_int"), ("spark_executor_cores", "pos_int"),
-                      ("spark_batch_size", "pos_num"), ("bind_address", "str")):
+                      ("spark_batch_size", "pos_num"), ("bind_address", "str"),
+                      ("kafka_source", "str"), ("kafka_connector", "str")):
         if section.data.get(key) not in (None, ""):
             section.get(key, kind)   # raises with file, key and value if wrong
+    source = section.data.get("kafka_source") or "python"
+    if source not in KAFKA_SOURCES:
+        raise section.error("kafka_source", f"'{source}' is not one of "
+                                            f"{', '.join(KAFKA_SOURCES)}")
     return dict(section.data)

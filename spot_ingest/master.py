@@ -15,27 +15,28 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka.errors import KafkaError
 
+from . import lines
 from . import pipeline as registry
-from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, await_ack, check_message_size,
-                  ensure_topic, retry_kafka, security_problem)
-from .config import IngestConfig, KafkaConfig, PipelineConfig, read_signing_key
+from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, PartitionBalancer, await_ack,
+                  check_message_size, ensure_topic, group_id, retry_kafka, security_problem)
+from .config import IngestConfig, PipelineConfig, read_signing_key
 from .kafka_security import client_kwargs
-from .exitcodes import ExitCode
-from .logs import printable, setup_logging
-from .store import LocalStore, SourceError, StagedFile, set_aside
+from .logs import printable
+from .policy import Backoff, ExitCode, process_pool
+from .store import SourceError, StagedFile, open_store, set_aside
 from .watcher import CollectorWatcher
 
 log = logging.getLogger("spot_ingest.master")
@@ -58,13 +59,12 @@ class _Work:
     path: Path
     relative: str
     collected_at: float
-    attempts: int = 0
+    backoff: Backoff = field(default_factory=lambda: Backoff(first=2.0, most=MAX_BACKOFF))
     retry_at: float = 0.0
     future: Future | None = None
     staged: list[StagedFile] = field(default_factory=list)
     damage: str | None = None
     announced: int = 0
-    published: tuple[int, int] | None = None
     taken: tuple | None = None        # the file's fingerprint when it was taken
 
 
@@ -86,78 +86,132 @@ def _check_size(path: Path, pcfg: PipelineConfig) -> None:
 
 
 @dataclass
-class Staged:
-    pieces: list[StagedFile]
-    damage: str | None = None     # the readable part was staged; the original is kept
+class Taken:
+    """What a staging process did with one collector file."""
+    pieces: list[StagedFile] = field(default_factory=list)   # staged, to be announced
+    damage: str | None = None     # the readable part was taken; the original is kept
+    messages: int = 0             # messages published (and acknowledged)
+    set_aside: int = 0            # lines set aside
 
 
-def stage_file(path: Path, relative: str, collected_at: float, pcfg: PipelineConfig,
-               store_location: str) -> Staged:
-    """Split (if the pipeline does) and copy into the store. Runs in a staging process."""
-    _check_size(path, pcfg)
-    plugin = registry.load(pcfg.type)
-    store = LocalStore(store_location)
-    scratch = plugin.scratch_dir(pcfg)
-    scratch.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"{pcfg.name}-split-", dir=scratch))
-    damage = None
-    try:
+class Delivery(ABC):
+    """How the files of a pipeline reach the topic, chosen once by the kind
+    of pipeline. ``take`` runs in a staging process (the object is pickled
+    there) and either stages the file for announcing or publishes it whole;
+    it raises ``RejectedFile`` for a file to set aside, ``SourceError`` for
+    one that cannot be read now, and anything else for a fault to retry."""
+
+    def __init__(self, cfg: IngestConfig, pcfg: PipelineConfig, partitions: int):
+        self.cfg, self.pcfg, self.partitions = cfg, pcfg, partitions
+
+    def check(self) -> None:
+        """At start: what must hold before anything is taken."""
+
+    @abstractmethod
+    def take(self, path: Path, relative: str, collected_at: float) -> Taken: ...
+
+    @abstractmethod
+    def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None: ...
+
+
+class FileDelivery(Delivery):
+    """Split (if the pipeline does), stage in the store; the master announces."""
+
+    def take(self, path: Path, relative: str, collected_at: float) -> Taken:
+        _check_size(path, self.pcfg)
+        plugin = registry.load(self.pcfg.type)
+        store = open_store(self.cfg.hdfs_app_path)
+        scratch = plugin.scratch_dir(self.pcfg)
+        scratch.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.pcfg.name}-split-", dir=scratch))
+        damage = None
         try:
-            pieces = plugin.split(path, workdir, pcfg)
-        except registry.DamagedInputError as exc:
-            pieces, damage = exc.pieces, str(exc)
-        staged = []
-        for i, piece in enumerate(pieces):
-            name = relative if len(pieces) == 1 else f"{relative}.{i:05d}"
-            staged.append(store.stage(piece, pcfg.type, name, collected_at))
-        return Staged(staged, damage)
-    except registry.BadInputError as exc:
-        raise RejectedFile(str(exc)) from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-_producer = None
-
-
-def publish_file(path: Path, relative: str, pcfg: PipelineConfig, kafka: KafkaConfig,
-                 partitions: int, max_bytes: int) -> tuple[int, int]:
-    """delivery == "records": publish the file's messages, each acknowledged
-    before the next (so each is a batch of its own on the broker). Runs in a
-    staging process. Returns (messages, items set aside). The pipeline keeps
-    how far each file was published in ``<local_staging>/published/<pipeline>/``,
-    so a file offered again after it grew is published from there on; a file
-    it cannot read (a corrupt .gz) is rejected before any of it is published."""
-    global _producer
-    _check_size(path, pcfg)
-    if _producer is None:
-        from kafka import KafkaProducer
-        _producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0,
-                                  max_request_size=max(max_bytes, 1_000_000),
-                                  client_id=f"spot-master-{pcfg.name}")
-    plugin = registry.load(pcfg.type)
-    messages = set_aside = 0
-    items = plugin.records(path, relative, max_bytes,
-                           state_dir=pcfg.local_staging / "published" / pcfg.name)
-    while True:
-        try:
-            item = next(items, None)
+            try:
+                pieces = plugin.split(path, workdir, self.pcfg)
+            except registry.DamagedInputError as exc:
+                pieces, damage = exc.pieces, str(exc)
+            if not pieces:    # nothing readable at all
+                raise RejectedFile(damage or "no data")
+            staged = []
+            for i, piece in enumerate(pieces):
+                name = relative if len(pieces) == 1 else f"{relative}.{i:05d}"
+                staged.append(store.stage(piece, self.pcfg.type, name, collected_at))
+            return Taken(staged, damage)
         except registry.BadInputError as exc:
-            if messages:    # the contract: raised before anything is published
-                raise
             raise RejectedFile(str(exc)) from None
-        if item is None:
-            break
-        if hasattr(item, "value"):
-            await_ack(_producer.send(pcfg.topic, item.value, partition=messages % partitions,
-                                     headers=item.headers), f"message {messages} of {relative}")
-            messages += 1
-        else:
-            set_aside += 1
-            where = quarantine_local(pcfg, f"{Path(relative).name}.line{item.line_no}",
-                                     item.data, item.reason)
-            log.error("%s (%s)", item.reason, where)
-    return messages, set_aside
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None:
+        marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, run_id, host)
+        announcer.announce(marker, partition)
+
+
+class LineDelivery(Delivery):
+    """Publish the file's lines (``spot_ingest.lines``), each message
+    acknowledged before the next (so each is a batch of its own on the
+    broker, which the streaming source relies on). How far each file was
+    published is kept in ``<local_staging>/published/<pipeline>/``, so a file
+    offered again after it grew is published from there on; a file that
+    cannot be read (a corrupt .gz) is rejected before any of it is published."""
+
+    def check(self) -> None:
+        check_message_size(self.cfg.kafka, self.pcfg.topic)
+
+    def take(self, path: Path, relative: str, collected_at: float) -> Taken:
+        _check_size(path, self.pcfg)
+        producer, balancer = self._clients()
+        plugin = registry.load(self.pcfg.type)
+        taken = Taken()
+        items = lines.cut(path, relative, self.cfg.kafka.message_size, plugin,
+                          state_dir=self.pcfg.local_staging / "published" / self.pcfg.name)
+        while True:
+            try:
+                item = next(items, None)
+            except registry.BadInputError as exc:
+                if taken.messages:    # the contract: raised before anything is published
+                    raise
+                raise RejectedFile(str(exc)) from None
+            if item is None:
+                return taken
+            if isinstance(item, lines.Message):
+                partition = balancer.choose()
+                await_ack(producer.send(self.pcfg.topic, item.value, partition=partition,
+                                        headers=item.headers),
+                          f"message {taken.messages} of {relative}")
+                balancer.sent(partition)
+                taken.messages += 1
+            else:
+                taken.set_aside += 1
+                where = quarantine_local(self.pcfg, f"{Path(relative).name}.line{item.line_no}",
+                                         item.data, item.reason)
+                log.error("%s (%s)", item.reason, where)
+
+    def _clients(self):
+        """One producer and one balancer per staging process, made at first use."""
+        global _line_clients
+        if _line_clients is None:
+            from kafka import KafkaProducer
+            kafka = self.cfg.kafka
+            producer = KafkaProducer(**client_kwargs(kafka), acks="all", linger_ms=0,
+                                     max_request_size=max(kafka.message_size, 1_000_000),
+                                     client_id=f"spot-master-{self.pcfg.name}")
+            _line_clients = producer, PartitionBalancer(kafka, self.pcfg.topic, self.partitions,
+                                                        group_id(self.pcfg.name))
+        return _line_clients
+
+    def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None:
+        marker = lines.end_of_run(run_id)
+        announcer.send_raw(marker.value, marker.headers, partition)
+
+
+_line_clients = None
+
+
+def delivery_for(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int) -> Delivery:
+    plugin = registry.load(pcfg.type)
+    kind = LineDelivery if isinstance(plugin, registry.RecordPipeline) else FileDelivery
+    return kind(cfg, pcfg, partitions)
 
 
 def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason: str) -> Path:
@@ -165,12 +219,6 @@ def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason
     name that no earlier item holds (two files of the same name from different
     subdirectories both survive)."""
     return set_aside(pcfg.local_staging / "quarantine" / pcfg.name, name, data, reason)
-
-
-def _init_staging_process(level) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    setup_logging(level)
 
 
 class PipelineLock:
@@ -231,7 +279,6 @@ class Master:
                  run_id: str | None = None):
         self.cfg = cfg
         self.pcfg = cfg.pipeline(pipeline_name)
-        self.plugin = registry.load(self.pcfg.type)
         self.workers = workers
         self.once = once
         self.run_id = run_id
@@ -260,31 +307,29 @@ class Master:
         if not self.pcfg.collector_path.is_dir():
             raise MasterError(f"collector_path {self.pcfg.collector_path} of pipeline "
                               f"{self.pcfg.name} does not exist")
-        store = self.store = LocalStore(self.cfg.hdfs_app_path)
+        store = self.store = open_store(self.cfg.hdfs_app_path)
         store.mark()
         removed = store.clean_incoming(self.pcfg.type)
         if removed:
             log.info("removed %d partial copy(ies) left in the store by a killed master", removed)
         kafka = self.cfg.kafka
         partitions = ensure_topic(kafka, self.pcfg.topic, self.workers)
-        if self.plugin.delivery == "records":
-            check_message_size(kafka, self.pcfg.topic)
+        self.delivery = delivery_for(self.cfg, self.pcfg, self.workers)
+        self.delivery.check()
         self.announcer = retry_kafka(
             lambda: Announcer(kafka, self.pcfg.topic, self.workers, self.pcfg.name,
                               kafka.message_size, signing_key=read_signing_key(self.cfg)),
             f"connect to Kafka at {kafka.bootstrap}", kafka=kafka)
         self.ledger = None if self.pcfg.delete_collected else Ledger(self.pcfg)
         self.watcher = CollectorWatcher(self.pcfg.collector_path, self.pcfg.supported_files,
+                                        registry.load(self.pcfg.type).working_names,
                                         self.pcfg.settle_seconds, watch=not self.once)
         log.info("master of pipeline %s watching %s; announcing on topic %s (%d partitions, "
                  "%d used); staging into %s with %d processes; %d file(s) found at start",
                  self.pcfg.name, self.pcfg.collector_path, self.pcfg.topic, partitions,
                  self.workers, self.cfg.hdfs_app_path, self.cfg.collector_processes,
                  self.watcher.pending())
-        self.pool = ProcessPoolExecutor(
-            max_workers=self.cfg.collector_processes,
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_init_staging_process, initargs=(logging.getLogger().level,))
+        self.pool = process_pool(self.cfg.collector_processes)
         try:
             while not self.stopping:
                 self._step()
@@ -301,23 +346,20 @@ class Master:
                 else ExitCode.OK)
 
     def _end_run(self) -> None:
-        marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, self.run_id or "", self.host)
-        raw = [("spot.kind", b"END_OF_RUN"), ("spot.run", (self.run_id or "").encode())]
         for partition in range(self.workers):
-            if self.plugin.delivery == "records":
-                send = lambda p=partition: self.announcer.send_raw(b"", raw, p)  # noqa: E731
-            else:
-                send = lambda p=partition: self.announcer.announce(marker, p)  # noqa: E731
-            self._with_retry(send, f"announce the end of run on partition {partition}")
+            self._with_retry(lambda p=partition: self.delivery.end_of_run(
+                self.announcer, p, self.run_id or "", self.host),
+                f"announce the end of run on partition {partition}")
         log.info("announced the end of run %s on %d partition(s)", self.run_id, self.workers)
 
     def _with_retry(self, action, what: str):
         """``action()`` until the broker takes it; gives up (None) on a stop request."""
-        delay = 1.0
+        backoff = Backoff(first=1.0, most=MAX_BACKOFF)
         while not self.stopping:
             try:
                 return action()
             except (KafkaError, BusError) as exc:
+                delay = backoff.delay()
                 problem = security_problem(self.cfg.kafka)
                 if problem:   # will not fix itself: say so loudly, on every retry
                     log.error("could not %s: %s; retrying in %.0f s; %s", what, problem, delay,
@@ -325,10 +367,7 @@ class Master:
                 else:
                     log.warning("could not %s (%s: %s); retrying in %.0f s", what,
                                 type(exc).__name__, exc, delay)
-                deadline = time.monotonic() + delay
-                while not self.stopping and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                delay = min(delay * 2, MAX_BACKOFF)
+                Backoff.sleep(delay, lambda: self.stopping)
         log.warning("stopped before the broker took it: could not %s", what)
         return None
 
@@ -369,14 +408,8 @@ class Master:
             if item.future is None and not item.staged and item.retry_at <= now \
                     and in_progress < self.cfg.collector_processes * 2:
                 item.taken = fingerprint(item.path)
-                if self.plugin.delivery == "records":
-                    item.future = self.pool.submit(publish_file, item.path, item.relative,
-                                                   self.pcfg, self.cfg.kafka,
-                                                   self.workers, self.cfg.kafka.message_size)
-                else:
-                    item.future = self.pool.submit(stage_file, item.path, item.relative,
-                                                   item.collected_at, self.pcfg,
-                                                   self.cfg.hdfs_app_path)
+                item.future = self.pool.submit(self.delivery.take, item.path, item.relative,
+                                               item.collected_at)
                 in_progress += 1
         for key, item in list(self.work.items()):
             if item.future is not None and item.future.done():
@@ -393,27 +426,23 @@ class Master:
     def _staged(self, key: str, item: _Work) -> None:
         fut, item.future = item.future, None
         try:
-            if self.plugin.delivery == "records":
-                messages, set_aside = fut.result()
+            taken: Taken = fut.result()
+            item.staged, item.damage = taken.pieces, taken.damage
+            if not taken.pieces:    # published whole: nothing to announce
                 self.counts["announced"] += 1
-                self.counts["pieces"] += messages
-                self.counts["set_aside"] += set_aside
-                log.info("published %s as %d message(s)%s", printable(item.relative), messages,
-                         f"; {set_aside} line(s) set aside" if set_aside else "")
+                self.counts["pieces"] += taken.messages
+                self.counts["set_aside"] += taken.set_aside
+                log.info("published %s as %d message(s)%s", printable(item.relative),
+                         taken.messages,
+                         f"; {taken.set_aside} line(s) set aside" if taken.set_aside else "")
                 self._done(key, item)
-                return
-            result = fut.result()
-            item.staged, item.damage = result.pieces, result.damage
-            if not item.staged:    # nothing readable at all
-                self._reject(key, item, item.damage or "no data")
-                return
         except RejectedFile as exc:
             self._reject(key, item, str(exc))
         except FileNotFoundError:
             log.info("%s disappeared before it was staged", printable(str(item.path)))
             self._forget(key)
         except SourceError as exc:
-            if item.attempts + 1 >= SOURCE_ATTEMPTS:
+            if item.backoff.attempts + 1 >= SOURCE_ATTEMPTS:
                 self._reject(key, item, f"{exc}, {SOURCE_ATTEMPTS} times")
             else:
                 self._backoff(item, f"could not read {printable(str(item.path))}", exc)
@@ -478,16 +507,15 @@ class Master:
         self._forget(key)
 
     def _backoff(self, item: _Work, what: str, exc: Exception) -> None:
-        item.attempts += 1
-        delay = min(MAX_BACKOFF, 2.0 ** item.attempts)
+        delay = item.backoff.delay()
         item.retry_at = time.monotonic() + delay
         problem = security_problem(self.cfg.kafka) if isinstance(exc, KafkaError) else None
         if problem:   # TLS or SASL refuses: it will not fix itself, say so loudly
             log.error("%s: %s; retry %d in %.0f s; the file stays in the collector directory; %s",
-                      what, problem, item.attempts, delay, SECURITY_HINT)
+                      what, problem, item.backoff.attempts, delay, SECURITY_HINT)
             return
         log.warning("%s (%s: %s); retry %d in %.0f s; the file stays in the collector directory",
-                    what, type(exc).__name__, exc, item.attempts, delay)
+                    what, type(exc).__name__, exc, item.backoff.attempts, delay)
 
     def _reject(self, key: str, item: _Work, reason: str, partly_loaded: bool = False) -> None:
         dest = None

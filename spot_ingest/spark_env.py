@@ -72,8 +72,10 @@ class CodeArchive:
     private temporary directory that is removed when the job ends. Archives
     of jobs that were killed are removed at the next start."""
 
-    def __init__(self, packages=("spot_ingest", "pipelines")):
-        self.packages = packages
+    # folder in the repository -> where it is in the package
+    FOLDERS = {"spot_ingest": "spot_ingest", "pipelines": "spot_ingest/pipelines"}
+
+    def __init__(self):
         self.dir: Path | None = None
 
     def __enter__(self) -> str:
@@ -81,10 +83,10 @@ class CodeArchive:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{CODE_DIR_PREFIX}{os.getpid()}-"))
         target = self.dir / "spot-ingest-code.zip"
         with zipfile.ZipFile(target, "w") as z:
-            for package in self.packages:
-                for f in (REPO_ROOT / package).rglob("*"):
-                    if f.suffix in (".py", ".avsc"):
-                        z.write(f, f.relative_to(REPO_ROOT))
+            for folder, package in self.FOLDERS.items():
+                for f in sorted((REPO_ROOT / folder).rglob("*")):
+                    if f.suffix in (".py", ".avsc") and not f.is_symlink():
+                        z.write(f, f"{package}/{f.relative_to(REPO_ROOT / folder)}")
         return str(target)
 
     def __exit__(self, *exc) -> None:

@@ -27,7 +27,7 @@ stays the source of truth.
 
 Each micro-batch's end offset is the partitions' high watermarks, so every
 record must be a batch of its own on the broker side (send and wait for the
-acknowledgement); the proxy master publishes that way.
+acknowledgement); the master publishes lines that way.
 """
 from __future__ import annotations
 

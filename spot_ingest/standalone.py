@@ -32,7 +32,7 @@ from . import pipeline as registry
 from .broker import BrokerError, EmbeddedBroker, is_listening
 from .bus import BusError, ensure_topic
 from .config import ConfigError, IngestConfig, default_config_path, load
-from .exitcodes import ExitCode
+from .policy import ExitCode
 from .logs import setup_logging
 from .store import local_root
 
@@ -122,8 +122,9 @@ def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
     section = dict(raw["pipelines"][pipeline])
     section.update(collector_path=str(root / "collector"), local_staging=str(root / "staging"),
                    topic=f"SPOT-INGEST-{pipeline}-demo-{uuid.uuid4().hex[:8]}")
-    if "pcap_split_staging" in section:
-        section["pcap_split_staging"] = str(root / "staging" / "split")
+    for key in registry.load(section["type"]).directory_keys:
+        if section.get(key):
+            section[key] = str(root / "staging" / key)
     raw.update(hdfs_app_path=str(root / "warehouse"), log_dir=str(root / "logs"),
                pipelines={pipeline: section})
     (root / "collector").mkdir()
@@ -134,7 +135,7 @@ def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="start_standalone_ingest.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument("pipeline", help="pipeline configuration name, e.g. flow_internals")
+    parser.add_argument("pipeline", help="the name of a pipeline in ingest_conf.json")
     parser.add_argument("workers", type=int, help="number of workers")
     parser.add_argument("-c", "--config", default=None,
                         help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
@@ -198,11 +199,10 @@ def main(argv=None) -> int:
         ensure_topic(cfg.kafka, pcfg.topic, args.workers, security_fatal=True)
         run_id = uuid.uuid4().hex if once else None
         extra = ["--run-id", run_id] if run_id else []
-        if plugin.consumer == "streaming":
+        if isinstance(plugin, registry.RecordPipeline):
             # One streaming job reads every partition; WORKERS sets how many.
-            fresh = ["--new-broker"] if broker else []
             children.append(Child("streaming job", ["stream", "-t", pcfg.name, "--partitions",
-                                                    str(args.workers), *conf, *extra, *fresh, *level],
+                                                    str(args.workers), *conf, *extra, *level],
                                   cfg.log_dir / f"{pcfg.name}-stream.log"))
         else:
             for i in range(args.workers):
@@ -279,8 +279,5 @@ def _child_exited(child: Child, code: int, once: bool, stop: dict) -> bool:
     child.restarts += 1
     log.error("%s died (exit code %s); restarting it (%d/%d); see %s", child.role, code,
               child.restarts, RESTART_LIMIT, child.log_path)
-    if "--new-broker" in child.args:
-        # The stale checkpoint was dropped at the first start; a restart keeps its own.
-        child.args.remove("--new-broker")
     child.start()
     return False

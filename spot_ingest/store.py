@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 COPY_CHUNK = 1 << 20
 MARKER = ".spot-ingest-store"
@@ -171,7 +171,13 @@ class Store(Protocol):
     * ``quarantine()`` moves a checked staged file aside within the store,
       ``refuse()`` keeps a refused announcement as a dead letter; neither
       ever overwrites an earlier item or touches anything outside the store.
-    * ``table_root()`` is where ``TableWriter`` writes aside and renames.
+    * Table files (``TableWriter``) are written aside, ``write_aside(area,
+      name)`` in ``<area>/_tmp/``, then ``make_visible()`` moves each durably
+      and atomically to its final path in ``<area>`` (replacing the output of
+      an earlier run of the same input); ``discard_aside()`` drops one,
+      ``remove_aside()`` what a killed writer left; ``list()`` names what an
+      area holds. An area is a folder relative to the store root (a table).
+    * ``table_root()`` is where Spark keeps a table's streaming checkpoint.
     * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
       killed masters of this host; staged files past retention whose rows are
       in the table (``mark_loaded()``).
@@ -188,6 +194,11 @@ class Store(Protocol):
     def refuse(self, ptype: str, topic: str, partition: int, offset: int, reason: str,
                record: dict) -> Path: ...
     def table_root(self, table: str) -> Path: ...
+    def write_aside(self, area: str, name: str) -> BinaryIO: ...
+    def make_visible(self, area: str, name: str, final: str) -> None: ...
+    def discard_aside(self, area: str, name: str) -> None: ...
+    def remove_aside(self, area: str, prefix: str) -> int: ...
+    def list(self, area: str, suffix: str = "") -> list[str]: ...
     def clean_incoming(self, ptype: str) -> int: ...
     def mark_loaded(self, ptype: str, sha256: str) -> None: ...
     def expire_staged(self, ptype: str, older_than_days: float,
@@ -389,3 +400,50 @@ class LocalStore(Store):
 
     def table_root(self, table: str) -> Path:
         return self.root / table
+
+    # -- table files: written aside, then made visible -----------------------
+    def write_aside(self, area: str, name: str) -> BinaryIO:
+        """A new file in ``<area>/_tmp/`` to write a table file into."""
+        tmp = self.root / area / "_tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return open(tmp / name, "wb")
+
+    def make_visible(self, area: str, name: str, final: str) -> None:
+        """Move a finished file from ``<area>/_tmp/`` to ``<area>/<final>``:
+        on disk first (fsync), then renamed, so readers see all of it or
+        nothing; an earlier file of that name is replaced."""
+        src, dest = self.root / area / "_tmp" / name, self.root / area / final
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+
+    def discard_aside(self, area: str, name: str) -> None:
+        (self.root / area / "_tmp" / name).unlink(missing_ok=True)
+
+    def remove_aside(self, area: str, prefix: str) -> int:
+        """Delete what writers of ``prefix`` (a killed process of ours) left aside."""
+        tmp = self.root / area / "_tmp"
+        removed = 0
+        if tmp.is_dir():
+            for p in tmp.glob(f"{prefix}-*"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def list(self, area: str, suffix: str = "") -> list[str]:
+        """Files in ``area`` (not those aside), relative to it, sorted."""
+        base = self.root / area
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(base)) for p in base.rglob(f"*{suffix}")
+                      if p.is_file() and "_tmp" not in p.relative_to(base).parts)
+
+
+def open_store(location: str) -> Store:
+    """The store at ``location`` (hdfs_app_path): a local path, a shared
+    mount or a file:// URI."""
+    return LocalStore(location)

@@ -1,24 +1,36 @@
 """Write Arrow batches as Hive-partitioned Parquet, atomically and idempotently.
 
 ``TableWriter`` receives the batches converted from one input file. Rows are
-routed to their partition (``y=2016/m=5/d=21/h=13``), buffered, and written to
-temporary files under ``<table>/_tmp/``; ``commit()`` renames each into
-``<table>/hive/<partition>/<name>.parquet``. ``<name>`` derives from the
+routed to their partition (``y=2016/m=5/d=21/h=13``), buffered, and written
+aside in the store (``Store.write_aside``: ``<table>/_tmp/``); ``commit()``
+makes each visible as ``<table>/hive/<partition>/<name>.parquet``. ``<name>`` derives from the
 input's checksum, so converting the same input again replaces the earlier
 output instead of adding rows beside it, and readers (Hive, Spark, DuckDB,
 which list ``*.parquet`` under ``hive/``) never see a partial file.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .store import Store
+
 ROW_GROUP_ROWS = 256 * 1024
 BUFFER_LIMIT_BYTES = 128 << 20
+
+
+# The partitions of the original Spot tables: year, month, day and hour as
+# Hive INT-family columns (y=2016/m=5/d=21/h=13).
+HOURLY_PARTITIONS = pa.schema([("y", pa.int16()), ("m", pa.int8()), ("d", pa.int8()),
+                               ("h", pa.int8())])
+
+
+def hourly_partitions(timestamps: pa.Array) -> list[pa.Array]:
+    """The ``HOURLY_PARTITIONS`` columns of an Arrow timestamp column."""
+    return [pc.cast(pc.year(timestamps), pa.int16()), pc.cast(pc.month(timestamps), pa.int8()),
+            pc.cast(pc.day(timestamps), pa.int8()), pc.cast(pc.hour(timestamps), pa.int8())]
 
 
 def partition_dir(names, values) -> str:
@@ -27,9 +39,10 @@ def partition_dir(names, values) -> str:
 
 
 class _Partition:
-    def __init__(self, rel_dir: str, tmp_path: Path):
+    def __init__(self, rel_dir: str, tmp_name: str):
         self.rel_dir = rel_dir
-        self.tmp_path = tmp_path
+        self.tmp_name = tmp_name
+        self.sink = None
         self.batches: list[pa.RecordBatch] = []
         self.buffered_rows = 0
         self.buffered_bytes = 0
@@ -38,11 +51,15 @@ class _Partition:
 
 
 class TableWriter:
-    def __init__(self, table_root: Path, name: str, schema: pa.Schema, partition_schema: pa.Schema,
-                 tmp_prefix: str, data_dir: str = "hive"):
-        self.table_root = Path(table_root)
-        self.hive_root = self.table_root / data_dir
-        self.tmp_dir = self.table_root / "_tmp"
+    """Rows of one input into ``<area>/<data_dir>/<partition>/<name>.parquet``
+    of ``store``. As a ``with`` block: commit when the block ends normally,
+    abort (nothing visible) when it raises. ``tmp_prefix`` names this
+    writer's process, so that ``remove_stale_temporaries`` finds what a
+    killed one left."""
+
+    def __init__(self, store: Store, area: str, name: str, schema: pa.Schema,
+                 partition_schema: pa.Schema, tmp_prefix: str, data_dir: str = "hive"):
+        self.store, self.area, self.data_dir = store, area, data_dir
         self.name = name
         self.schema = schema
         self.partition_names = partition_schema.names
@@ -71,7 +88,7 @@ class TableWriter:
         part = self.partitions.get(key)
         if part is None:
             rel_dir = partition_dir(self.partition_names, key)
-            tmp = self.tmp_dir / f"{self.tmp_prefix}-{self.name}-{len(self.partitions)}.parquet.tmp"
+            tmp = f"{self.tmp_prefix}-{self.name}-{len(self.partitions)}.parquet.tmp"
             part = self.partitions[key] = _Partition(rel_dir, tmp)
         part.batches.append(data)
         part.buffered_rows += data.num_rows
@@ -86,8 +103,8 @@ class TableWriter:
         if not part.batches:
             return
         if part.writer is None:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            part.writer = pq.ParquetWriter(part.tmp_path, self.schema, compression="snappy")
+            part.sink = self.store.write_aside(self.area, part.tmp_name)
+            part.writer = pq.ParquetWriter(part.sink, self.schema, compression="snappy")
         part.writer.write_table(pa.Table.from_batches(part.batches, self.schema),
                                 row_group_size=ROW_GROUP_ROWS)
         part.rows += part.buffered_rows
@@ -110,13 +127,13 @@ class TableWriter:
         for part in self.partitions.values():
             self._flush(part)
             part.writer.close()
-            with open(part.tmp_path, "rb") as f:
-                os.fsync(f.fileno())
+            part.sink.close()
         result = {}
         for part in self.partitions.values():
-            final_dir = self.hive_root / part.rel_dir
-            final_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(part.tmp_path, final_dir / f"{self.name}.parquet")
+            final = "/".join(p for p in (self.data_dir, part.rel_dir) if p and p != ".")
+            self.store.make_visible(self.area, part.tmp_name,
+                                    f"{final}/{self.name}.parquet" if final else
+                                    f"{self.name}.parquet")
             result[part.rel_dir] = part.rows
         self.partitions.clear()
         return result
@@ -126,19 +143,14 @@ class TableWriter:
             if part.writer is not None:
                 try:
                     part.writer.close()
+                    part.sink.close()
                 except Exception:  # the file is being thrown away anyway
                     pass
-            part.tmp_path.unlink(missing_ok=True)
+                self.store.discard_aside(self.area, part.tmp_name)
         self.partitions.clear()
         self.buffered_bytes = 0
 
 
-def remove_stale_temporaries(table_root: Path, tmp_prefix: str) -> int:
-    """Delete temporaries a killed process of ours left behind."""
-    tmp_dir = Path(table_root) / "_tmp"
-    removed = 0
-    if tmp_dir.is_dir():
-        for p in tmp_dir.glob(f"{tmp_prefix}-*.parquet.tmp"):
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+def remove_stale_temporaries(store: Store, area: str, tmp_prefix: str) -> int:
+    """Delete temporaries a killed writer of ``tmp_prefix`` left behind."""
+    return store.remove_aside(area, tmp_prefix)

@@ -4,9 +4,10 @@ Files are found two ways: a scan at start (so files that arrived while the
 master was down are not forgotten) and watchdog events afterwards. A file is
 taken only when it is complete:
 
-* its name matches ``supported_files`` and is not a collector's working name
-  (``nfcapd.current.*``, hidden files, ``*.tmp``, ``*.part``);
-* it arrived by a rename (how nfcapd rotates), or its size and mtime have not
+* its name matches ``supported_files`` and is not a working name: hidden
+  files, ``*.tmp``, ``*.part``, or a pipeline's ``working_names`` (the file
+  its collector is still writing);
+* it arrived by a rename (how collectors rotate), or its size and mtime have not
   changed for ``settle_seconds``;
 * and no process on this host has it open for writing (a writer that pauses
   longer than the settle time is still not taken early).
@@ -27,21 +28,20 @@ from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
 
-WORKING_NAME_MARKERS = (".current.",)
 WORKING_SUFFIXES = (".tmp", ".part", ".partial", "~", ".swp")
 
 
-def is_candidate_name(name: str, supported: tuple[str, ...]) -> bool:
+def is_candidate_name(name: str, supported: tuple[str, ...], working: tuple[str, ...] = ()) -> bool:
     if name.startswith(".") or name.endswith(WORKING_SUFFIXES):
         return False
-    if any(marker in name for marker in WORKING_NAME_MARKERS):
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in working):
         return False
     for pattern in supported:
         if any(c in pattern for c in "*?["):
             if fnmatch.fnmatchcase(name, pattern):
                 return True
         elif name.startswith(pattern) or name.endswith(pattern):
-            # The original's entries are plain prefixes/suffixes ("nfcapd", ".pcap").
+            # The original's entries are plain prefixes or suffixes.
             return True
     return False
 
@@ -96,10 +96,10 @@ class _Handler(FileSystemEventHandler):
 class CollectorWatcher:
     """Yields finished files of a collector directory, each once per appearance."""
 
-    def __init__(self, root: Path, supported: tuple[str, ...], settle_seconds: float,
-                 watch: bool = True):
+    def __init__(self, root: Path, supported: tuple[str, ...], working: tuple[str, ...],
+                 settle_seconds: float, watch: bool = True):
         self.root = Path(root).resolve()
-        self.supported = supported
+        self.supported, self.working = supported, working
         self.settle = settle_seconds
         self.seen: dict[str, _Seen] = {}
         self.ignored: set[str] = set()
@@ -119,7 +119,7 @@ class CollectorWatcher:
 
     def _note(self, path: str, renamed_in: bool) -> None:
         name = os.path.basename(path)
-        if not is_candidate_name(name, self.supported):
+        if not is_candidate_name(name, self.supported, self.working):
             return
         if any(part.startswith(".") for part in Path(path).relative_to(self.root).parts[:-1]):
             return

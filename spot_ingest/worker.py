@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -39,10 +38,10 @@ from kafka.errors import KafkaError
 from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecurityError,
                   PartitionReader, retry_kafka, security_problem, signature_problem)
 from .config import IngestConfig, PipelineConfig, read_signing_key
-from .exitcodes import ExitCode
-from .logs import printable, setup_logging
+from .logs import printable
+from .policy import Backoff, ExitCode, process_pool
 from .pipeline import BadInputError
-from .store import SHA256_RE, LocalStore, RefusedInput
+from .store import SHA256_RE, RefusedInput, Store, open_store
 from .tools import ToolTimeout, time_limit
 from .warehouse import TableWriter, remove_stale_temporaries
 
@@ -80,7 +79,7 @@ def output_name(ann: Announcement) -> str:
     return f"part-{ann.sha256[:32]}"
 
 
-def check_announcement(ann: Announcement, pcfg: PipelineConfig, store: LocalStore) -> str:
+def check_announcement(ann: Announcement, pcfg: PipelineConfig, store: Store) -> str:
     """Every field that reaches a path or a file name, checked; returns the
     staged path relative to the store root. Raises ``RefusedInput``."""
     if ann.pipeline_type != pcfg.type or ann.pipeline != pcfg.name:
@@ -123,13 +122,13 @@ def load_file(job: Job) -> Outcome:
     """Check, convert and load one staged file (runs in a pool process)."""
     ann, pcfg = job.announcement, job.pipeline
     plugin = registry.load(pcfg.type)
-    store = LocalStore(job.store_location)
+    store = open_store(job.store_location)
     started = time.monotonic()
     try:
         fd = store.open_staged(job.staged)
     except RefusedInput as exc:
         return _refuse(job, store, str(exc), started)
-    writer = TableWriter(store.table_root(plugin.table), output_name(ann), plugin.schema,
+    writer = TableWriter(store, plugin.table, output_name(ann), plugin.schema,
                          plugin.partition_schema, f"{job.tmp_prefix}-{os.getpid()}")
     rows = 0
     hasher = None
@@ -180,7 +179,7 @@ def load_file(job: Job) -> Outcome:
     return Outcome("loaded", rows, partitions, time.monotonic() - started)
 
 
-def _refuse(job: Job, store: LocalStore, reason: str, started: float) -> Outcome:
+def _refuse(job: Job, store: Store, reason: str, started: float) -> Outcome:
     where = store.refuse(job.pipeline.type, job.topic, job.partition, job.offset, reason,
                          _record_fields(job.announcement))
     return Outcome("refused", detail=f"{reason} (kept as {where}; the file is left as it is)",
@@ -196,19 +195,12 @@ def _raw_record(value: bytes | None) -> dict:
     return {"value_base64": base64.b64encode(value or b"").decode()}
 
 
-def _init_pool_process(level: int) -> None:
-    # The parent handles Ctrl-C and SIGTERM and lets running files finish.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    setup_logging(level)
-
-
 @dataclass
 class _InFlight:
     announcement: Announcement
     staged: str
     future: Future | None = None
-    attempts: int = 0
+    backoff: Backoff = field(default_factory=lambda: Backoff(first=2.0, most=MAX_BACKOFF))
     retry_at: float = 0.0
 
 
@@ -260,7 +252,7 @@ class Committer(threading.Thread):
                 self.lock.notify()
 
     def run(self) -> None:
-        delay = 0.5
+        backoff = Backoff(first=0.5, most=10.0)
         while True:
             with self.lock:
                 due = self._verify_due()
@@ -281,15 +273,15 @@ class Committer(threading.Thread):
                 held = self.reader.committed(timeout_ms=5000)
                 self.verified_at = time.monotonic()
             except Exception as exc:   # KafkaError, or a connection error below it
-                if not self.failing or delay >= 10:
+                delay = backoff.delay()
+                if not self.failing or delay >= backoff.most:
                     log.warning("could not commit offset %d (%s: %s); will retry; the files "
                                 "stay loaded", target, type(exc).__name__, exc)
                 self.failing = True
                 self.failed_at = time.monotonic()
                 self._pause(delay)
-                delay = min(delay * 2, 10)
                 continue
-            delay = 0.5
+            backoff.reset()
             if held is not None and held != target and held < self.target:
                 log.warning("the broker holds offset %d for %s, not %d (a late commit of an "
                             "older position); committing %d again", held, self.describe, target,
@@ -343,9 +335,7 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.processes, mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_init_pool_process, initargs=(logging.getLogger().level,))
+        return process_pool(self.processes)
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
@@ -356,9 +346,13 @@ class Worker:
         self.stopping = True
 
     def run(self) -> int:
+        if not isinstance(self.plugin, registry.FilePipeline):
+            log.error("pipeline %s (type %s) is loaded by a streaming job (spot-ingest stream), "
+                      "not by workers", self.pcfg.name, self.pcfg.type)
+            return ExitCode.CONFIG
         self.plugin.check_tools()
-        store = self.store = LocalStore(self.cfg.hdfs_app_path)
-        removed = remove_stale_temporaries(store.table_root(self.plugin.table), self.tmp_prefix)
+        store = self.store = open_store(self.cfg.hdfs_app_path)
+        removed = remove_stale_temporaries(store, self.plugin.table, self.tmp_prefix)
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
         self.reader = self._connect()
@@ -410,21 +404,19 @@ class Worker:
 
     def _until_answered(self, action, what: str):
         """``action()`` until the broker answers it, honouring a stop request."""
-        delay = 0.5
+        backoff = Backoff(first=0.5, most=10.0)
         while not self.stopping:
             try:
                 return action()
             except (KafkaError, OSError) as exc:
+                delay = backoff.delay()
                 log.warning("could not %s (%s: %s); retrying in %.1f s", what,
                             type(exc).__name__, exc, delay)
                 self._sleep(delay)
-                delay = min(delay * 2, 10)
         return None
 
     def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.2, deadline - time.monotonic()))
+        Backoff.sleep(seconds, lambda: self.stopping)
 
     def _finished(self) -> bool:
         if self.stopping:
@@ -520,7 +512,8 @@ class Worker:
         for offset, item in sorted(self.in_flight.items()):
             if item.future is None and item.retry_at <= now:
                 job = Job(item.announcement, item.staged, self.pcfg, self.cfg.hdfs_app_path,
-                          self.tmp_prefix, self.topic, self.worker_id, offset, item.attempts + 1)
+                          self.tmp_prefix, self.topic, self.worker_id, offset,
+                          item.backoff.attempts + 1)
                 try:
                     item.future = self.pool.submit(load_file, job)
                 except BrokenProcessPool:
@@ -547,12 +540,11 @@ class Worker:
                 broken = True
                 continue
             except Exception as exc:
-                item.attempts += 1
-                delay = min(MAX_BACKOFF, 2 ** item.attempts)
+                delay = item.backoff.delay()
                 item.future, item.retry_at = None, time.monotonic() + delay
                 log.warning("could not load %s (%s: %s); offset %d not committed, retry %d in %.0f s",
                             printable(ann.original_name), type(exc).__name__, exc, offset,
-                            item.attempts, delay)
+                            item.backoff.attempts, delay)
                 continue
             del self.in_flight[offset]
             self.counts[outcome.status] += 1

@@ -12,13 +12,10 @@ stopped after the test; and the session fails if it leaves semaphores in
 """
 from __future__ import annotations
 
-import csv
 import ctypes
-import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -32,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
-from pipelines.flow.sample import make_nfcapd_file  # noqa: E402
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -275,49 +272,3 @@ def nfcapd_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("nfcapd")
     return [make_nfcapd_file(root / f"nfcapd.20261121{i:04d}", flows, seed=100 + i)
             for i, flows in enumerate((3000, 4500, 6000, 1500))]
-
-
-def nfdump_csv(path: Path) -> list[dict]:
-    """nfdump's own csv export of a file: the reference the table is compared with."""
-    out = subprocess.run(["nfdump", "-r", str(path), "-o", "csv"], check=True,
-                         capture_output=True, text=True, env={**os.environ, "TZ": "UTC"}).stdout
-    lines = out.splitlines()
-    # nfdump 1.7 appends an empty line and a "Summary" block after the records.
-    end = next((i for i, line in enumerate(lines) if line.strip() in ("", "Summary")), len(lines))
-    return list(csv.DictReader(io.StringIO("\n".join(lines[:end]))))
-
-
-FLOW_COMPARE = {  # table column -> nfdump csv column
-    "sip": "sa", "dip": "da", "sport": "sp", "dport": "dp", "proto": "pr", "flag": "flg",
-    "ipkt": "ipkt", "ibyt": "ibyt", "opkt": "opkt", "obyt": "obyt", "input": "in",
-    "output": "out", "sas": "sas", "das": "das", "rip": "ra", "fwd": "fwd", "stos": "stos",
-    "dtos": "dtos", "dir": "dir",
-}
-
-
-def reference_rows(paths) -> list[tuple]:
-    """Sorted comparable tuples of the flows in the files, per nfdump's csv."""
-    rows = []
-    for path in paths:
-        for r in nfdump_csv(path):
-            values = []
-            for col, src in FLOW_COMPARE.items():
-                v = r[src].strip()
-                if col in ("sip", "dip", "proto", "flag", "rip"):
-                    values.append(v)
-                else:
-                    n = int(v)
-                    if col in ("sas", "das") and n > 2**31 - 1:
-                        n -= 2**32
-                    values.append(n)
-            values.append(r["tr"][:19])
-            # The table's tdur is a FLOAT (32 bits), as in Spot's flow table.
-            values.append(round(struct.unpack("f", struct.pack("f", float(r["td"])))[0], 3))
-            rows.append(tuple(values))
-    return sorted(rows)
-
-
-def table_rows(table) -> list[tuple]:
-    cols = [table.column(c).to_pylist() for c in FLOW_COMPARE] + \
-           [table.column("treceived").to_pylist(), table.column("tdur").to_pylist()]
-    return sorted(tuple(v[:-1]) + (round(v[-1], 3),) for v in zip(*cols))

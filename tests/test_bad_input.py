@@ -6,8 +6,9 @@ import os
 import shutil
 import subprocess
 
-from conftest import REPO, reference_rows, table_rows
-from pipelines.flow.sample import make_nfcapd_file
+from conftest import REPO
+from reference import flow_reference_rows, flow_table_rows
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 
 HOSTILE_NAMES = [
     "nfcapd.with space", "nfcapd.quote'and\"double", "nfcapd.semi;colon",
@@ -45,7 +46,7 @@ def test_hostile_names_broken_files_symlinks_and_size_limit(make_env, tmp_path):
     worker = env.log(f"{env.pipeline}-worker-0.log")
 
     # Every hostile name was ingested, and none was run by a shell.
-    assert table_rows(env.table()) == reference_rows(good)
+    assert flow_table_rows(env.table()) == flow_reference_rows(good)
     assert not list(tmp_path.rglob("PWNED*")) and not list(REPO.glob("PWNED*"))
     assert "nfcapd.$(touch PWNED)" in master and "-nfcapd.leading-dash" in master
 

@@ -3,6 +3,7 @@ loopback, decoded by real editcap and tshark, compared with tshark's own
 reading of the same files (its -T json output, parsed by Python's json)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,37 +14,11 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO
-from pipelines.dns import DNS, TABLE_SCHEMA
-from pipelines.dns.sample import make_dns_capture
+from reference import dns_reference_rows, dns_table_rows
+from spot_ingest.pipelines.dns import DNS
+from spot_ingest.pipelines.dns.sample import make_dns_capture
 from spot_ingest.config import PipelineConfig
 from spot_ingest.pipeline import BadInputError
-
-
-def tshark_reference(paths) -> list[tuple]:
-    """Responses per tshark -T json: (time, epoch s, len, dst, src, name, class, type, rcode, answers)."""
-    rows = []
-    for path in paths:
-        out = subprocess.run(
-            ["tshark", "-n", "-r", str(path), "-Y", "dns.flags.response == 1", "-T", "json",
-             "-e", "frame.time", "-e", "frame.time_epoch", "-e", "frame.len", "-e", "ip.src",
-             "-e", "ip.dst", "-e", "ipv6.src", "-e", "ipv6.dst", "-e", "dns.qry.name",
-             "-e", "dns.qry.class", "-e", "dns.qry.type", "-e", "dns.flags.rcode", "-e", "dns.a"],
-            capture_output=True, env={**os.environ, "TZ": "UTC"}).stdout
-        for pkt in json.loads(out or b"[]"):
-            f = pkt["_source"]["layers"]
-            first = lambda k: f.get(k, [None])[0]   # noqa: E731
-            rows.append((
-                first("frame.time"), int(float(first("frame.time_epoch"))), int(first("frame.len")),
-                first("ip.dst") or first("ipv6.dst"), first("ip.src") or first("ipv6.src"),
-                first("dns.qry.name"), first("dns.qry.class"),
-                int(first("dns.qry.type")) if first("dns.qry.type") else None,
-                int(first("dns.flags.rcode")) if first("dns.flags.rcode") else None,
-                ",".join(f["dns.a"]) if "dns.a" in f else None))
-    return sorted(rows, key=repr)
-
-
-def rows_of(table: pa.Table) -> list[tuple]:
-    return sorted((tuple(r[c] for c in TABLE_SCHEMA.names) for r in table.to_pylist()), key=repr)
 
 
 def convert(path, cfg=None) -> pa.Table:
@@ -60,7 +35,7 @@ def capture(tmp_path_factory) -> Path:
 def test_rows_match_tsharks_own_reading(capture):
     table = convert(capture)
     assert table.num_rows == 400
-    assert rows_of(table) == tshark_reference([capture])
+    assert dns_table_rows(table) == dns_reference_rows([capture])
 
 
 def test_separators_quotes_answers_and_ipv6_survive(capture):
@@ -102,8 +77,8 @@ def test_split_into_chunks_loses_and_doubles_nothing(capture, tmp_path):
     work.mkdir()
     chunks = DNS.split(capture, work, cfg)
     assert len(chunks) == 6  # 800 packets (queries and answers) in chunks of 150
-    rows = [r for c in chunks for r in rows_of(convert(c))]
-    assert sorted(rows, key=repr) == tshark_reference([capture])
+    rows = [r for c in chunks for r in dns_table_rows(convert(c))]
+    assert sorted(rows, key=repr) == dns_reference_rows([capture])
 
 
 def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, caplog):
@@ -119,7 +94,7 @@ def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, c
     cut.write_bytes(data[:inside])
     table = convert(cut)
     assert 0 < table.num_rows < 400
-    assert rows_of(table) == tshark_reference([cut])
+    assert dns_table_rows(table) == dns_reference_rows([cut])
     assert "truncated" in caplog.text and "cut.pcap" in caplog.text
 
 
@@ -134,7 +109,7 @@ def test_malformed_dns_packets_do_not_stop_the_decoder(tmp_path):
     rnd = tmp_path / "random.pcap"
     subprocess.run(["randpkt", "-t", "dns", "-c", "500", str(rnd)], check=True)
     table = convert(rnd)
-    assert rows_of(table) == tshark_reference([rnd])
+    assert dns_table_rows(table) == dns_reference_rows([rnd])
 
 
 def test_original_process_opt_still_works_and_bad_options_are_named():
@@ -143,10 +118,10 @@ def test_original_process_opt_still_works_and_bad_options_are_named():
                 "-e dns.resp.type -e dns.resp.class -e dns.flags.rcode -e dns.a "
                 "'dns.flags.response == 1'")
     opts = DNS.parse_options({"process_opt": original}, lambda k, p: ValueError(f"{k}: {p}"))
-    assert opts["filters"] == () and opts["tshark_args"] == ()
+    assert opts.filters == () and opts.tshark_args == ()
     opts = DNS.parse_options({"process_opt": "-d udp.port==5353,dns dns.qry.type == 1"},
                              lambda k, p: ValueError(f"{k}: {p}"))
-    assert opts["tshark_args"] == ("-d", "udp.port==5353,dns")
+    assert opts.tshark_args == ("-d", "udp.port==5353,dns")
     with pytest.raises(ValueError, match=r"process_opt: tshark option -w is not allowed"):
         DNS.parse_options({"process_opt": "-w out.pcap"}, lambda k, p: ValueError(f"{k}: {p}"))
 
@@ -172,9 +147,9 @@ def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
     result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
                              "-c", str(env.config)], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0, "a file was set aside, so the run reports failure"
-    expected = sorted(tshark_reference([capture, later]) + tshark_reference([rnd]), key=repr)
+    expected = sorted(dns_reference_rows([capture, later]) + dns_reference_rows([rnd]), key=repr)
     table = env.table()
-    assert rows_of(table) == expected
+    assert dns_table_rows(table) == expected
     logs = [env.log(f"{env.pipeline}-worker-{i}.log") for i in (0, 1)]
     assert all(log.count("loaded ") >= 2 for log in logs), "both workers decoded chunks"
     master_log = env.log(f"{env.pipeline}-master.log")
@@ -194,7 +169,7 @@ def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
 AS_NOBODY = r"""
 import json, os, pwd, sys
 import psutil
-from pipelines.dns.sample import make_dns_capture
+from spot_ingest.pipelines.dns.sample import make_dns_capture
 dest, queries, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 nobody = pwd.getpwnam("nobody")
 os.setgroups([])
@@ -236,7 +211,7 @@ def test_sample_capture_needs_no_root_and_matches_tcpdump(tmp_path):
     import pwd
     import sys
     import tempfile
-    from pipelines.dns.sample import Capture
+    from spot_ingest.pipelines.dns.sample import Capture
     queries = 300
     nobody = pwd.getpwnam("nobody")
     out_dir = Path(tempfile.mkdtemp(prefix="dns-nobody-"))   # /tmp: pytest's tmp_path is root's only
@@ -307,7 +282,7 @@ def test_sample_capture_needs_no_root_and_matches_tcpdump(tmp_path):
 
 
 def test_sample_without_dnsmasq_says_what_to_install(tmp_path, monkeypatch):
-    from pipelines.dns import sample
+    from spot_ingest.pipelines.dns import sample
     from spot_ingest.pipeline import ToolMissingError
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sample, "DNSMASQ_DIRS", (str(tmp_path),))
@@ -386,10 +361,10 @@ def test_allowed_preference_is_passed_and_decodes(capture, tmp_path):
     prefs = {name for name, _ in tshark_prefs()}
     assert {"dns.retransmission_timer", "dns.desegment_dns_messages"} <= prefs
     opts = dns_options("-o dns.retransmission_timer:7 -odns.desegment_dns_messages:FALSE")
-    assert opts["tshark_args"] == ("-o", "dns.retransmission_timer:7",
+    assert opts.tshark_args == ("-o", "dns.retransmission_timer:7",
                                    "-o", "dns.desegment_dns_messages:FALSE")
-    assert rows_of(convert(capture, dns_config(tmp_path, process_opt="-o dns.retransmission_timer:7"))) \
-        == tshark_reference([capture])
+    cfg = dns_config(tmp_path, process_opt="-o dns.retransmission_timer:7")
+    assert dns_table_rows(convert(capture, cfg)) == dns_reference_rows([capture])
     # tshark itself checks the preference when the configuration is loaded.
     with pytest.raises(ValueError, match=r'process_opt: tshark refuses it: -o flag '
                                          r'"dns.no_such_pref:1" specifies unknown preference'):
@@ -397,7 +372,7 @@ def test_allowed_preference_is_passed_and_decodes(capture, tmp_path):
 
 
 def test_preferences_allowed_by_module_name_none_a_file():
-    from pipelines.dns import ALLOWED_PREF_MODULES
+    from spot_ingest.pipelines.dns import ALLOWED_PREF_MODULES
     allowed_types = ("TRUE or FALSE", "A decimal number", "One of:", "A hexadecimal number",
                      "positive integer range")
     prefs = tshark_prefs()
@@ -443,29 +418,28 @@ def test_filter_that_escapes_the_responses_only_conjunction_is_refused(process_o
 def test_no_query_reaches_the_table_whatever_the_filter(capture, tmp_path, escape):
     # The filter handed to the worker as is (as if the checks at load were
     # bypassed): tshark then prints queries too, and the worker drops them.
-    opts = {**dns_options(""), "filters": (escape,)}
-    cfg = dns_config(tmp_path)
-    cfg = PipelineConfig(**{**cfg.__dict__, "options": opts})
-    cmd = DNS.tshark_command(capture, cfg)
+    opts = dataclasses.replace(dns_options(""), filters=(escape,))
+    cfg = dataclasses.replace(dns_config(tmp_path), options=opts)
+    cmd = DNS.tshark_command(capture, opts)
     out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                          timeout=120, env={**os.environ, "TZ": "UTC"}).stdout.splitlines()
     flags = [line.split("\x01")[-1] for line in out]
     assert flags.count("0") >= 400            # the escape is real: tshark printed queries
     table = convert(capture, cfg)
-    reference = tshark_reference([capture])
+    reference = dns_reference_rows([capture])
     assert table.num_rows == flags.count("1")
-    assert set(rows_of(table)) <= set(reference)
+    assert set(dns_table_rows(table)) <= set(reference)
     assert table.num_rows in (0, 400)          # no row, or exactly the 400 responses
 
 
 def test_filter_with_parentheses_inside_quotes_is_accepted(capture, tmp_path):
     process_opt = "'dns.qry.name contains \"a)b\" || dns.qry.name contains \"(x)\"'"
     opts = dns_options(process_opt)
-    assert opts["filters"] == ('dns.qry.name contains "a)b" || dns.qry.name contains "(x)"',)
+    assert opts.filters == ('dns.qry.name contains "a)b" || dns.qry.name contains "(x)"',)
     rows = convert(capture, dns_config(tmp_path, process_opt=process_opt)).to_pylist()
     assert rows and {r["dns_qry_name"] for r in rows} == {"semi;colon$(x).wild.test"}
-    assert dns_options("-Y 'dns.qry.name == r\"a\\\\\" || dns.qry.name contains \"a(\\\")b\"'")[
-        "filters"] == ('dns.qry.name == r"a\\\\" || dns.qry.name contains "a(\\")b"',)
+    assert dns_options("-Y 'dns.qry.name == r\"a\\\\\" || dns.qry.name contains \"a(\\\")b\"'") \
+        .filters == ('dns.qry.name == r"a\\\\" || dns.qry.name contains "a(\\")b"',)
 
 
 def test_tshark_checks_each_filter_at_load():
@@ -479,14 +453,14 @@ def test_tshark_checks_each_filter_at_load():
 
 
 def test_options_parsed_as_tshark_getopt_does():
-    assert dns_options("-nYdns.qry.type==1 -Tfields -Eseparator=,")["filters"] == (
+    assert dns_options("-nYdns.qry.type==1 -Tfields -Eseparator=,").filters == (
         "dns.qry.type==1",)
     opts = dns_options("-d udp.port==5353,dns --disable-protocol=llmnr "
                        "--enable-heuristic teredo_udp dns.qry.type == 1")
-    assert opts["tshark_args"] == ("-d", "udp.port==5353,dns", "--disable-protocol", "llmnr",
+    assert opts.tshark_args == ("-d", "udp.port==5353,dns", "--disable-protocol", "llmnr",
                                    "--enable-heuristic", "teredo_udp")
-    assert opts["filters"] == ("dns.qry.type == 1",)
-    assert dns_options("-l -q -2 -- 'dns.flags.response == 1'")["filters"] == ()
+    assert opts.filters == ("dns.qry.type == 1",)
+    assert dns_options("-l -q -2 -- 'dns.flags.response == 1'").filters == ()
     with pytest.raises(ValueError, match=r"tshark option -z is not allowed"):
         dns_options("-nz io,stat,1")
     with pytest.raises(ValueError, match=r"tshark option -Y needs a value"):

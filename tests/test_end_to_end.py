@@ -12,8 +12,9 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from conftest import REPO, reference_rows, table_rows, wait_for
-from pipelines.flow.sample import make_nfcapd_file
+from conftest import REPO, wait_for
+from reference import flow_reference_rows, flow_table_rows
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.bus import Announcement, Announcer, PartitionReader, ensure_topic
 from spot_ingest.config import KafkaConfig
 
@@ -36,9 +37,9 @@ def test_once_run_loads_exactly_the_files(env, nfcapd_files):
     result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
                              "-c", str(env.config)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = reference_rows(files)
+    expected = flow_reference_rows(files)
     table = env.table()
-    assert table_rows(table) == expected
+    assert flow_table_rows(table) == expected
     assert f"flow table: {len(expected)} rows" in result.stdout
 
     # Partitions: folders named after each row's own received time, Hive style.
@@ -73,7 +74,7 @@ def test_live_ingest_and_a_file_still_being_written(env, nfcapd_files):
     workers = [env.worker(0), env.worker(1)]
     master = env.master(2)
     drop(env, nfcapd_files[0], nfcapd_files[0].name)   # arrives while master runs
-    wait_for(lambda: env.row_count() == len(reference_rows(nfcapd_files[:1])), 90,
+    wait_for(lambda: env.row_count() == len(flow_reference_rows(nfcapd_files[:1])), 90,
              "the first file's rows")
 
     # A writer that pauses: half a file, still open for writing.
@@ -84,7 +85,8 @@ def test_live_ingest_and_a_file_still_being_written(env, nfcapd_files):
     writer.flush()
     paused_at = time.monotonic()
     drop(env, nfcapd_files[2], nfcapd_files[2].name)
-    wait_for(lambda: env.row_count() == len(reference_rows([nfcapd_files[0], nfcapd_files[2]])),
+    wait_for(lambda: env.row_count()
+             == len(flow_reference_rows([nfcapd_files[0], nfcapd_files[2]])),
              90, "the third file's rows")
     # Give the master several settle periods (0.5 s) to make the mistake.
     wait_for(lambda: time.monotonic() - paused_at > 3, 10, "3 s of pause")
@@ -93,8 +95,8 @@ def test_live_ingest_and_a_file_still_being_written(env, nfcapd_files):
 
     writer.write(partial_src[len(partial_src) // 2:])
     writer.close()
-    wait_for(lambda: env.row_count() == len(reference_rows(nfcapd_files[:3])), 90, "all rows")
-    assert table_rows(env.table()) == reference_rows(nfcapd_files[:3])
+    wait_for(lambda: env.row_count() == len(flow_reference_rows(nfcapd_files[:3])), 90, "all rows")
+    assert flow_table_rows(env.table()) == flow_reference_rows(nfcapd_files[:3])
     assert master.poll() is None and all(w.poll() is None for w in workers)
 
 
@@ -103,8 +105,8 @@ def test_files_present_before_the_master_starts(env, nfcapd_files):
         drop(env, f, f.name)
     env.worker(0)
     env.master(1)
-    wait_for(lambda: env.row_count() == len(reference_rows(nfcapd_files[:2])), 90, "rows")
-    assert table_rows(env.table()) == reference_rows(nfcapd_files[:2])
+    wait_for(lambda: env.row_count() == len(flow_reference_rows(nfcapd_files[:2])), 90, "rows")
+    assert flow_table_rows(env.table()) == flow_reference_rows(nfcapd_files[:2])
     assert "2 file(s) found at start" in env.log("master.log")
 
 
@@ -126,9 +128,9 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(env, tmp_pa
     assert loaded_before < len(files), "the kill came too late to test anything"
 
     env.spawn("worker", "-i", "0", log_name="worker-0-restarted.log")
-    expected = reference_rows(files)
+    expected = flow_reference_rows(files)
     wait_for(lambda: env.row_count() == len(expected), 180, "all rows after the restart")
-    assert table_rows(env.table()) == expected
+    assert flow_table_rows(env.table()) == expected
     restarted = env.log("worker-0-restarted.log")
     import re
     resumed_at = int(re.search(r"from offset (\d+)", restarted).group(1))
@@ -142,7 +144,7 @@ def test_same_file_announced_twice_yields_rows_once(env, nfcapd_files, broker):
     drop(env, nfcapd_files[3], nfcapd_files[3].name)
     env.worker(0)
     env.master(1)
-    expected = reference_rows(nfcapd_files[3:4])
+    expected = flow_reference_rows(nfcapd_files[3:4])
     wait_for(lambda: env.row_count() == len(expected), 90, "rows")
     staged = next((env.warehouse / "flow" / "binary").rglob("*nfcapd.*"))
     import hashlib
@@ -159,7 +161,7 @@ def test_same_file_announced_twice_yields_rows_once(env, nfcapd_files, broker):
     finally:
         reader.close()
     assert env.log("worker-0.log").count("loaded ") == 2
-    assert table_rows(env.table()) == expected
+    assert flow_table_rows(env.table()) == expected
     assert len(list(env.hive.rglob("*.parquet"))) == 1
 
 
@@ -211,7 +213,7 @@ def test_standalone_restarts_a_dead_worker_and_stops_cleanly(env, nfcapd_files):
     wait_for(lambda: env.log(worker_log).count("spot_ingest.worker: worker 0 of pipeline") == 2,
              60, "worker 0 to be restarted")
     drop(env, nfcapd_files[0], nfcapd_files[0].name)
-    wait_for(lambda: env.row_count() == len(reference_rows(nfcapd_files[:1])), 90, "rows")
+    wait_for(lambda: env.row_count() == len(flow_reference_rows(nfcapd_files[:1])), 90, "rows")
 
     children = psutil.Process(run.pid).children(recursive=True)
     run.send_signal(signal.SIGTERM)

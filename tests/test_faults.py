@@ -19,8 +19,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Env, reference_rows, table_rows, wait_for
-from pipelines.flow.sample import make_nfcapd_file
+from conftest import Env, wait_for
+from reference import (dns_reference_rows, dns_table_rows, flow_reference_rows,
+                       flow_table_rows)
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.broker import EmbeddedBroker
 
 
@@ -80,11 +82,11 @@ def test_worker_killed_ten_times_loses_and_doubles_nothing(env, flow_sources):
         env.kill(worker)
         kills += 1
         worker = env.worker(0)
-    expected = reference_rows(flow_sources)
+    expected = flow_reference_rows(flow_sources)
     wait_for(lambda: env.row_count() == len(expected), 300, "all rows after 10 kills")
     reader.stop.set()
     reader.join()
-    assert table_rows(env.table()) == expected
+    assert flow_table_rows(env.table()) == expected
     assert len(list(env.hive.rglob("*.parquet"))) == len(flow_sources)
     assert not reader.problems, reader.problems[:5]
     assert reader.reads > 0
@@ -123,9 +125,9 @@ def test_master_killed_while_staging_and_while_announcing(make_env, tmp_path, br
     assert killed_while_staging
     env.master(1)
     env.worker(0)
-    expected = reference_rows(big)
+    expected = flow_reference_rows(big)
     wait_for(lambda: env.row_count() == len(expected), 300, "every file once")
-    assert table_rows(env.table()) == expected
+    assert flow_table_rows(env.table()) == expected
     assert not [p for p in env.collector.iterdir() if not p.name.startswith(".")]
 
 
@@ -154,9 +156,9 @@ def test_broker_paused_for_30_seconds(make_env, tmp_path, flow_sources):
             drop(env, f)
         wait_for(lambda: time.monotonic() - paused >= 30, 40, "30 s of outage")
         own.proc.send_signal(signal.SIGCONT)
-        expected = reference_rows(flow_sources[:8])
+        expected = flow_reference_rows(flow_sources[:8])
         wait_for(lambda: env.row_count() == len(expected), 300, "every row after the outage")
-        assert table_rows(env.table()) == expected
+        assert flow_table_rows(env.table()) == expected
         assert "has not acknowledged the announcement" in env.log("master.log")
         worker_log = env.log("worker-0.log")
         assert "is not answering" in worker_log or "could not commit offset" in worker_log
@@ -186,17 +188,16 @@ def test_full_disk_under_the_warehouse(make_env, flow_sources):
         log_text = env.log("worker-0.log")
         assert "not committed, retry" in log_text
         filler.unlink()
-        expected = reference_rows(flow_sources[:3])
+        expected = flow_reference_rows(flow_sources[:3])
         wait_for(lambda: env.row_count() == len(expected), 180, "the load once space is back")
-        assert table_rows(env.table()) == expected
+        assert flow_table_rows(env.table()) == expected
     finally:
         env.stop_all()
         subprocess.run(["umount", "-l", str(table_dir)], capture_output=True)
 
 
 def test_dns_worker_killed_ten_times_loses_and_doubles_nothing(make_env, tmp_path):
-    from pipelines.dns.sample import make_dns_capture
-    from test_dns import rows_of, tshark_reference
+    from spot_ingest.pipelines.dns.sample import make_dns_capture
     env = make_env("dns", pipeline="dns_faults", ptype="dns", pkt_num=400,
                    supported_files=[".pcap"], settle_seconds=0.2)
     capture, _ = make_dns_capture(tmp_path / "src" / "big.pcap", 4000, seed=21)
@@ -210,9 +211,9 @@ def test_dns_worker_killed_ten_times_loses_and_doubles_nothing(make_env, tmp_pat
         time.sleep(rnd.uniform(0.3, 1.2))
         env.kill(worker)
         worker = env.worker(0)
-    expected = tshark_reference([capture])
+    expected = dns_reference_rows([capture])
     wait_for(lambda: env.row_count() == len(expected), 300, "every response after 10 kills")
     reader.stop.set()
     reader.join()
-    assert rows_of(env.table()) == expected
+    assert dns_table_rows(env.table()) == expected
     assert not reader.problems, reader.problems[:5]

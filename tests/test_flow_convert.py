@@ -17,9 +17,9 @@ import dpkt
 import pyarrow as pa
 import pytest
 
-from conftest import reference_rows, table_rows
-from pipelines.flow import FLOW, TABLE_SCHEMA
-from pipelines.flow.sample import Collector
+from reference import flow_reference_rows, flow_table_rows
+from spot_ingest.pipelines.flow import FLOW, TABLE_SCHEMA
+from spot_ingest.pipelines.flow.sample import Collector
 from spot_ingest.pipeline import BadInputError
 
 def convert(path: Path) -> pa.Table:
@@ -124,13 +124,13 @@ def test_v5_flows_match_nfdump_csv(nfcapd_files):
     for path in nfcapd_files[:2]:
         table = convert(path)
         assert table.schema == FLOW.full_schema
-        assert table_rows(table) == reference_rows([path])
+        assert flow_table_rows(table) == flow_reference_rows([path])
 
 
 def test_real_exporters_match_nfdump_csv(exporter_file):
     table = convert(exporter_file)
     assert table.num_rows > 1500
-    assert table_rows(table) == reference_rows([exporter_file])
+    assert flow_table_rows(table) == flow_reference_rows([exporter_file])
     sips = set(table.column("sip").to_pylist())
     assert any(":" in ip for ip in sips), "the exporter data holds IPv6 flows"
     assert {"TCP", "UDP", "ICMP", "ICMP6"} <= set(table.column("proto").to_pylist())
@@ -158,7 +158,8 @@ def test_ipv6_addresses_kept_in_full(tmp_path):
     files = pcap_to_nfcapd(frames, tmp_path)
     rows = [r for f in files for r in convert(f).to_pylist()]
     assert {(r["sip"], r["dip"]) for r in rows} == {(long_src, "fe80::1"), ("2001:db8::2", long_src)}
-    assert table_rows(pa.Table.from_pylist(rows, FLOW.full_schema)) == reference_rows(files)
+    table = pa.Table.from_pylist(rows, FLOW.full_schema)
+    assert flow_table_rows(table) == flow_reference_rows(files)
 
 
 def test_file_with_no_flows_gives_no_rows(tmp_path):
@@ -192,7 +193,7 @@ def test_process_opt_filter_is_passed_to_nfdump(nfcapd_files):
     rows = pa.Table.from_batches(list(FLOW.convert(nfcapd_files[0], cfg)), FLOW.full_schema)
     protos = set(rows.column("proto").to_pylist())
     assert protos == {"TCP"}
-    assert rows.num_rows == sum(1 for r in reference_rows([nfcapd_files[0]]) if r[4] == "TCP")
+    assert rows.num_rows == sum(1 for r in flow_reference_rows([nfcapd_files[0]]) if r[4] == "TCP")
 
 
 def test_process_opt_that_changes_output_is_refused():
@@ -280,7 +281,7 @@ def test_what_nfdump_getopt_rejects_is_refused(opt, problem):
 
 
 def test_every_nfdump_option_is_decided_and_refused():
-    from pipelines.flow import NFDUMP_OPTION_REFUSED, NFDUMP_OPTSTRING
+    from spot_ingest.pipelines.flow import NFDUMP_OPTION_REFUSED, NFDUMP_OPTSTRING
     usage = subprocess.run(["nfdump", "-h"], capture_output=True, text=True).stdout
     listed = {line[1] for line in usage.splitlines() if line[:1] == "-" and line[1:2].isalnum()}
     assert len(listed) > 30
@@ -292,14 +293,14 @@ def test_every_nfdump_option_is_decided_and_refused():
 
 
 def test_filter_goes_to_nfdump_as_one_argument_after_double_dash(nfcapd_files):
-    assert flow_options("not proto icmp")["nfdump_args"] == ("--", "not proto icmp")
-    assert flow_options("'src port > 1024' and proto udp")["nfdump_args"] == (
+    assert flow_options("not proto icmp").nfdump_args == ("--", "not proto icmp")
+    assert flow_options("'src port > 1024' and proto udp").nfdump_args == (
         "--", "src port > 1024 and proto udp")
-    assert flow_options("-- proto tcp")["nfdump_args"] == ("--", "proto tcp")
-    assert flow_options("")["nfdump_args"] == ()
+    assert flow_options("-- proto tcp").nfdump_args == ("--", "proto tcp")
+    assert flow_options("").nfdump_args == ()
     cmd = FLOW.nfdump_command(nfcapd_files[0], SimpleNamespace(options=flow_options("proto udp")))
     assert cmd[-2:] == ["--", "proto udp"]
-    udp = sum(1 for r in reference_rows([nfcapd_files[0]]) if r[4] == "UDP")
+    udp = sum(1 for r in flow_reference_rows([nfcapd_files[0]]) if r[4] == "UDP")
     assert 0 < udp == nfdump_rows(cmd)
 
 

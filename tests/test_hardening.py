@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 from conftest import REPO
-from pipelines.flow.sample import make_nfcapd_file
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 
 
 def run_once(env, umask: int | None = None) -> subprocess.CompletedProcess:

@@ -58,7 +58,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, Env, reference_rows, table_rows, wait_for
+from conftest import REPO, Env, wait_for
+from reference import (flow_reference_rows, flow_table_rows, proxy_key, proxy_reference_rows,
+                       proxy_table_rows)
 from spot_ingest.broker import EmbeddedBroker, free_port, is_listening
 from spot_ingest.bus import KafkaSecurityError, ensure_topic
 from spot_ingest.config import KafkaConfig, load
@@ -181,14 +183,14 @@ def test_flow_table_through_tls(tmp_path, tls_broker, pki, nfcapd_files):
         master = env.master(2)
         for f in nfcapd_files[:3]:
             drop(env, f)
-        expected = reference_rows(nfcapd_files[:3])
+        expected = flow_reference_rows(nfcapd_files[:3])
         try:
             wait_for(lambda: env.row_count() == len(expected), 120, "the rows through TLS")
         except AssertionError as exc:
             logs = "\n".join(f"--- {n}\n{env.log(n)[-3000:]}"
                              for n in ("master.log", "worker-0.log", "worker-1.log"))
             raise AssertionError(f"{exc}\n{logs}") from None
-        assert table_rows(env.table()) == expected
+        assert flow_table_rows(env.table()) == expected
         assert master.poll() is None and all(w.poll() is None for w in workers)
 
         # Every connection to the broker's own (plaintext) port is stunnel's;
@@ -242,9 +244,7 @@ def test_wrong_ca_is_refused_with_a_clear_message(tmp_path, tls_broker, pki):
 
 
 def test_proxy_streaming_job_through_tls(tmp_path, tls_broker, pki):
-    from pipelines.proxy.sample import LAYOUTS, header, log_lines
-    from test_proxy import expected_rows, key
-    from test_proxy import table_rows as proxy_rows
+    from spot_ingest.pipelines.proxy.sample import LAYOUTS, header, log_lines
 
     env = secure_env(tmp_path / "env", tls_broker["tls_port"], {}, pipeline="proxy_test",
                      ptype="proxy", supported_files=[".log"])
@@ -254,13 +254,13 @@ def test_proxy_streaming_job_through_tls(tmp_path, tls_broker, pki):
     expected = []
     for i in range(2):
         lines = list(log_lines(300, LAYOUTS["main27"], seed=70 + i, start=1795248000 + 3600 * i))
-        expected += expected_rows(lines, LAYOUTS["main27"])
+        expected += proxy_reference_rows(lines, LAYOUTS["main27"])
         (env.collector / f"tls{i}.log").write_text("\n".join(header(LAYOUTS["main27"]) + lines)
                                                    + "\n")
     run = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "1", "--once",
                           "-c", str(env.config)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert sorted(map(key, proxy_rows(env.hive))) == sorted(map(key, expected))
+    assert sorted(map(proxy_key, proxy_table_rows(env.hive))) == sorted(map(proxy_key, expected))
     job_log = env.log(f"{env.pipeline}-stream.log")
     assert f"totals: {len(expected)} rows" in job_log
     # The Spark option carries where the CA is, and nothing it should not.

@@ -20,8 +20,9 @@ import uuid
 
 import pytest
 
-from conftest import REPO, Env, reference_rows, table_rows, wait_for
-from pipelines.flow.sample import make_nfcapd_file
+from conftest import REPO, Env, wait_for
+from reference import flow_reference_rows, flow_table_rows
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.broker import EmbeddedBroker
 from spot_ingest.bus import PartitionReader
 from spot_ingest.config import load
@@ -133,10 +134,10 @@ def test_worker_survives_a_cut_link_and_stops_when_told_during_one(tmp_path, wor
             assert worker.poll() is None, "the worker survived the cut"
             link(ns, dev, "up")
 
-            expected = reference_rows(files)
+            expected = flow_reference_rows(files)
             wait_for(lambda: env.row_count() == len(expected), 240, "every row after the cut")
             wait_for(lambda: watch.seen[-1] == len(files), 60, "the last offset committed")
-            assert table_rows(env.table()) == expected
+            assert flow_table_rows(env.table()) == expected
             assert len(list(env.hive.rglob("*.parquet"))) == len(files)
             # A commit stuck in the cut connection may still reach the broker after the
             # link is back (no client can recall it): the worker must correct it at once.

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 from conftest import REPO, wait_for
-from pipelines.dns.sample import make_dns_capture
-from pipelines.flow.sample import make_nfcapd_file
+from reference import dns_reference_rows, dns_table_rows
+from spot_ingest.pipelines.dns.sample import make_dns_capture
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.broker import EmbeddedBroker
 
 
@@ -24,7 +25,6 @@ def once(env, workers: int = 1, timeout: float = 300) -> subprocess.CompletedPro
 
 
 def test_damaged_capture_is_loaded_in_part_and_kept_with_the_reason(make_env, tmp_path):
-    from test_dns import rows_of, tshark_reference
     env = make_env("dns", pipeline="dns_damage", ptype="dns", supported_files=[".pcap"],
                    pkt_num=7)
     capture, _ = make_dns_capture(tmp_path / "whole.pcap", 20, seed=5)
@@ -40,9 +40,9 @@ def test_damaged_capture_is_loaded_in_part_and_kept_with_the_reason(make_env, tm
 
     result = once(env)
     assert result.returncode != 0, "a file was set aside: the run says so"
-    expected = tshark_reference([damaged])      # the responses before the damage
+    expected = dns_reference_rows([damaged])      # the responses before the damage
     assert 0 < len(expected) < 20
-    assert rows_of(env.table()) == expected
+    assert dns_table_rows(env.table()) == expected
     master = env.log(f"{env.pipeline}-master.log")
     assert "announced the readable part of" in master
     assert "24 packet(s) before the damage are loaded" in master

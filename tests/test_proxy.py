@@ -8,53 +8,24 @@ Python's csv module.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-
 from conftest import REPO, wait_for
-from pipelines.proxy import COLUMNS, INT_COLUMNS, ORIGINAL_FIELDS, PROXY, Message, SetAside
-from pipelines.proxy.sample import LAYOUTS, header, log_lines
+from reference import proxy_key, proxy_reference_rows, proxy_rejects, proxy_table_rows
+from spot_ingest import lines as line_protocol
+from spot_ingest.lines import Message, SetAside
+from spot_ingest.pipelines.proxy import ORIGINAL_FIELDS, PROXY
+from spot_ingest.pipelines.proxy.sample import LAYOUTS, header, log_lines
 
-PARTITIONING = ds.partitioning(pa.schema([(p, pa.string()) for p in "ymdh"]), flavor="hive")
 BAD_LINES = {
     "unbalanced quotes": '2026-11-21 08:00:00 5 10.0.0.1 "unclosed agent',
     "bad date or time": None,   # built from a good line below
     "invalid UTF-8": None,
     "wrong field count": "2026-11-21 08:00:01 too few fields",
 }
-
-
-def expected_rows(lines: list[str], fields: str) -> list[dict]:
-    names = fields.split()
-    rows = []
-    for line in lines:
-        tokens = next(csv.reader([line], delimiter=" ", quotechar='"', skipinitialspace=True))
-        by_name = dict(zip(names, tokens))
-        row = {}
-        for col, name in COLUMNS:
-            if name is None:
-                continue
-            v = by_name.get(name)
-            v = "" if v == "-" else v
-            row[col] = (int(v) if v not in (None, "") else None) if col in INT_COLUMNS else v
-        row["fulluri"] = "".join(row[c] or "" for c in ("host", "uripath", "uriquery"))
-        rows.append(row)
-    return rows
-
-
-def table_rows(hive: Path) -> list[dict]:
-    t = ds.dataset(hive, format="parquet", partitioning=PARTITIONING).to_table()
-    return t.to_pylist()
-
-
-def key(row: dict) -> tuple:
-    return tuple(str(row[c]) for c, _ in COLUMNS)
 
 
 # -- the master's side: messages -------------------------------------------
@@ -67,7 +38,7 @@ def test_messages_never_split_a_line_and_carry_their_header(tmp_path):
     with open(path, "w") as f:
         f.write("\n".join(header(LAYOUTS["main27"]) + first + [long_line] +
                           header(LAYOUTS["extras"]) + second) + "\n")
-    items = list(PROXY.records(path, "a.log", max_bytes=4096))
+    items = list(line_protocol.cut(path, "a.log", 4096, PROXY))
     messages = [i for i in items if isinstance(i, Message)]
     aside = [i for i in items if isinstance(i, SetAside)]
     assert len(aside) == 1 and aside[0].data == long_line.encode()
@@ -81,7 +52,7 @@ def test_messages_never_split_a_line_and_carry_their_header(tmp_path):
         fields_seen.append(headers["spot.fields"].decode())
     assert published == first + second, "every line whole, in order, once"
     assert set(fields_seen) == {LAYOUTS["main27"], LAYOUTS["extras"]}
-    again = [i for i in PROXY.records(path, "a.log", max_bytes=4096) if isinstance(i, Message)]
+    again = [i for i in line_protocol.cut(path, "a.log", 4096, PROXY) if isinstance(i, Message)]
     assert [dict(m.headers)["spot.id"] for m in again] == \
         [dict(m.headers)["spot.id"] for m in messages], "ids are deterministic"
 
@@ -89,7 +60,7 @@ def test_messages_never_split_a_line_and_carry_their_header(tmp_path):
 def test_a_log_without_header_uses_the_original_field_order(tmp_path):
     path = tmp_path / "plain.log"
     path.write_text("\n".join(log_lines(5, ORIGINAL_FIELDS)) + "\n")
-    [msg] = list(PROXY.records(path, "plain.log", max_bytes=900_000))
+    [msg] = list(line_protocol.cut(path, "plain.log", 900_000, PROXY))
     assert dict(msg.headers)["spot.fields"].decode() == ORIGINAL_FIELDS
 
 
@@ -100,7 +71,7 @@ def make_logs(collector: Path, tmp_path: Path) -> tuple[list[dict], dict]:
     expected = []
     for i, layout in enumerate(("original", "main24", "main27", "extras")):
         lines = list(log_lines(400, LAYOUTS[layout], seed=10 + i, start=1795248000 + 1800 * i))
-        expected += expected_rows(lines, LAYOUTS[layout])
+        expected += proxy_reference_rows(lines, LAYOUTS[layout])
         body = header(LAYOUTS[layout]) + lines
         if layout == "main27":
             good = lines[0]
@@ -127,8 +98,8 @@ def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path)
     result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
                              "-c", str(env.config)], capture_output=True, text=True, timeout=600)
     assert result.returncode != 0, "a line was set aside by the master: the run reports it"
-    rows = table_rows(env.hive)
-    assert sorted(map(key, rows)) == sorted(map(key, expected))
+    rows = proxy_table_rows(env.hive)
+    assert sorted(map(proxy_key, rows)) == sorted(map(proxy_key, expected))
     # Partitions: zero-padded strings from each line's date and time.
     parts = {(r["y"], r["m"], r["d"], r["h"]) for r in rows}
     assert parts == {(e["p_date"][:4], e["p_date"][5:7], e["p_date"][8:10], e["p_time"][:2])
@@ -138,7 +109,7 @@ def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path)
     assert any(" " in a for a in agents if a), "quoted values keep their spaces"
     assert any(r["webcat"] == "Web Ads/Analytics" for r in rows)
     # Rejects: stored with their reason and counted.
-    stored = ds.dataset(env.warehouse / "proxy" / "rejects", format="parquet").to_table().to_pylist()
+    stored = proxy_rejects(env.warehouse)
     assert sorted(r["reason"] for r in stored) == sorted(rejects)
     assert all(r["source"] == "main27.log" and r["line_no"] > 400 for r in stored)
     job_log = env.log(f"{env.pipeline}-stream.log")
@@ -159,7 +130,7 @@ def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_en
 
     def drop(i):
         lines = list(log_lines(500, LAYOUTS["main27"], seed=40 + i, start=1795248000 + 600 * i))
-        expected.extend(expected_rows(lines, LAYOUTS["main27"]))
+        expected.extend(proxy_reference_rows(lines, LAYOUTS["main27"]))
         path = tmp_path / f"part{i}.log"
         path.write_text("\n".join(header(LAYOUTS["main27"]) + lines) + "\n")
         os.replace(path, env.collector / path.name)
@@ -174,7 +145,7 @@ def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_en
         drop(i)
     wait_for(lambda: "published part7.log" in env.log("master.log"), 60, "the second wave")
     env.kill(job)   # wherever it is: reading, parsing, writing or committing
-    done_before = len(table_rows(env.hive))
+    done_before = len(proxy_table_rows(env.hive))
     assert done_before < len(expected), "the kill came too late to test anything"
     import random
     rnd = random.Random(2)
@@ -185,9 +156,11 @@ def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_en
         time.sleep(rnd.uniform(1, 6))
         env.kill(job)
     env.spawn("stream", "--partitions", "2", log_name="stream-4.log")
-    wait_for(lambda: len(table_rows(env.hive)) >= len(expected), 300, "every row after the restart")
-    rows = table_rows(env.hive)
-    assert sorted(map(key, rows)) == sorted(map(key, expected)), "no row lost, none doubled"
+    wait_for(lambda: len(proxy_table_rows(env.hive)) >= len(expected), 300,
+             "every row after the restart")
+    rows = proxy_table_rows(env.hive)
+    assert sorted(map(proxy_key, rows)) == sorted(map(proxy_key, expected)), \
+        "no row lost, none doubled"
     assert master.poll() is None
 
 
@@ -234,12 +207,12 @@ def test_log_gz_is_cut_into_its_lines_and_a_truncated_one_publishes_nothing(tmp_
     lines = list(log_lines(2000, LAYOUTS["main27"], seed=3))
     body = ("\n".join(header(LAYOUTS["main27"]) + lines) + "\n").encode()
     (tmp_path / "a.log.gz").write_bytes(gzip.compress(body))
-    messages = list(PROXY.records(tmp_path / "a.log.gz", "a.log.gz", max_bytes=50_000))
+    messages = list(line_protocol.cut(tmp_path / "a.log.gz", "a.log.gz", 50_000, PROXY))
     assert len(messages) > 5 and _lines_of(messages) == lines
     whole = gzip.compress(body)
     for cut in (whole[:len(whole) // 2], whole[:-3], whole[:-20] + b"\0" * 20):
         (tmp_path / "cut.log.gz").write_bytes(cut)
-        items = PROXY.records(tmp_path / "cut.log.gz", "cut.log.gz", max_bytes=50_000)
+        items = line_protocol.cut(tmp_path / "cut.log.gz", "cut.log.gz", 50_000, PROXY)
         try:
             first = next(items)
         except BadInputError as exc:
@@ -253,7 +226,7 @@ def test_duplicate_field_header_marks_every_message_under_it(tmp_path):
     lines = list(log_lines(30, LAYOUTS["main27"], seed=4))
     path.write_text("\n".join([f"#Fields: {LAYOUTS['main27']} cs-host"] + lines[:10] +
                               header(LAYOUTS["main27"]) + lines[10:]) + "\n")
-    first, second = list(PROXY.records(path, "dup.log", max_bytes=900_000))
+    first, second = list(line_protocol.cut(path, "dup.log", 900_000, PROXY))
     assert dict(first.headers)["spot.fields_error"] == b"the #Fields: header names cs-host more than once"
     assert "spot.fields_error" not in dict(second.headers)
     assert _lines_of([first]) == lines[:10] and _lines_of([second]) == lines[10:]
@@ -263,29 +236,29 @@ def test_master_killed_mid_file_republishes_the_same_messages_then_only_new_line
     """A grown log loses no line and doubles none, on the master's side: a
     publication stopped half-way is cut again byte for byte (same ids, same
     output names), and a file offered again publishes only what follows."""
-    from pipelines.proxy import MESSAGE_ID_PATTERN, output_name
+    from spot_ingest.lines import MESSAGE_ID_PATTERN, output_name
     state = tmp_path / "state"
     path = tmp_path / "grow.log"
     lines = list(log_lines(3000, LAYOUTS["main27"], seed=5))
     text = "\n".join(header(LAYOUTS["main27"]) + lines) + "\n"
     half = text.index(lines[1500]) + 40          # the writer stops in the middle of a line
     path.write_text(text[:half])
-    items = PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state)
+    items = line_protocol.cut(path, "grow.log", 20_000, PROXY, state_dir=state)
     sent = [next(items), next(items), next(items)]
     items.close()                                 # the master dies before the rest
     with open(path, "a") as f:                    # ... and the writer comes back
         f.write(text[half:])
-    again = list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state))
+    again = list(line_protocol.cut(path, "grow.log", 20_000, PROXY, state_dir=state))
     assert [(m.value, m.headers) for m in again[:3]] == [(m.value, m.headers) for m in sent]
     assert [output_name(m.value, m.headers) for m in again[:3]] == \
         [output_name(m.value, m.headers) for m in sent]
     assert _lines_of(again) == lines, "every line once, the cut one whole"
     assert all(re.fullmatch(MESSAGE_ID_PATTERN, dict(m.headers)["spot.id"].decode()) for m in again)
     assert len({dict(m.headers)["spot.id"] for m in again}) == len(again)
-    assert list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state)) == []
+    assert list(line_protocol.cut(path, "grow.log", 20_000, PROXY, state_dir=state)) == []
     with open(path, "a") as f:
         f.write(lines[0] + "\n")
-    [more] = list(PROXY.records(path, "grow.log", max_bytes=20_000, state_dir=state))
+    [more] = list(line_protocol.cut(path, "grow.log", 20_000, PROXY, state_dir=state))
     assert more.value.decode() == lines[0]
     assert dict(more.headers)["spot.first_line"] == str(len(lines) + 5).encode()
 
@@ -295,17 +268,17 @@ def test_last_line_without_newline_waits_while_the_file_grows(tmp_path):
     path = tmp_path / "tail.log"
     lines = list(log_lines(20, LAYOUTS["main27"], seed=6))
     path.write_text("\n".join(lines[:10]) + "\n" + lines[10][:50])
-    items = PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state)
+    items = line_protocol.cut(path, "tail.log", 900_000, PROXY, state_dir=state)
     first = next(items)
     with open(path, "a") as f:                    # the writer goes on during the read
         f.write(lines[10][50:] + "\n")
     assert list(items) == [], "the cut line is not published while the file grows"
     assert _lines_of([first]) == lines[:10]
-    [rest] = list(PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state))
+    [rest] = list(line_protocol.cut(path, "tail.log", 900_000, PROXY, state_dir=state))
     assert _lines_of([rest]) == [lines[10]]
     with open(path, "a") as f:                    # a final line without newline
         f.write(lines[11])
-    [last] = list(PROXY.records(path, "tail.log", max_bytes=900_000, state_dir=state))
+    [last] = list(line_protocol.cut(path, "tail.log", 900_000, PROXY, state_dir=state))
     assert _lines_of([last]) == [lines[11]], "an unchanged file is final: its last line is published"
 
 
@@ -315,8 +288,8 @@ def test_new_file_reusing_the_inode_is_published_from_its_start(tmp_path):
     old = list(log_lines(50, LAYOUTS["main27"], seed=7))
     new = list(log_lines(80, LAYOUTS["main27"], seed=8))
     path.write_text("\n".join(old) + "\n")
-    assert _lines_of(PROXY.records(path, "reuse.log", 900_000, state_dir=state)) == old
+    assert _lines_of(line_protocol.cut(path, "reuse.log", 900_000, PROXY, state_dir=state)) == old
     with open(path, "r+") as f:                   # same inode, other content (copytruncate)
         f.truncate(0)
         f.write("\n".join(new) + "\n")
-    assert _lines_of(PROXY.records(path, "reuse.log", 900_000, state_dir=state)) == new
+    assert _lines_of(line_protocol.cut(path, "reuse.log", 900_000, PROXY, state_dir=state)) == new

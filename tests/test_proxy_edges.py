@@ -21,26 +21,17 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from conftest import REPO, Env, wait_for
-from pipelines.proxy import output_name
-from pipelines.proxy.sample import LAYOUTS, header, log_lines
+from reference import proxy_key, proxy_reference_rows, proxy_rejects, proxy_table_rows
+from spot_ingest.lines import output_name
+from spot_ingest.pipelines.proxy.sample import LAYOUTS, header, log_lines
 from spot_ingest.broker import EmbeddedBroker
-from test_proxy import PARTITIONING, expected_rows, key, table_rows
 
 MAIN27 = LAYOUTS["main27"]
 DAY = 1795248000            # 2026-11-22T00:00:00Z
-
-
-def rejects_of(warehouse: Path) -> list[dict]:
-    root = warehouse / "proxy" / "rejects"
-    if not root.exists():
-        return []
-    return ds.dataset(root, format="parquet").to_table().to_pylist()
 
 
 def topic_records(bootstrap: str, topic: str) -> list:
@@ -108,9 +99,10 @@ def edges(tmp_path_factory, broker):
     found["nul_line_no"] = odd_body.index(nul) + 1
     found["dup_header_line_no"] = odd_body.index(dup_header) + 1
     found["dup_lines"] = odd[41:44]
-    found["expected"] = (expected_rows(zipped, MAIN27) + expected_rows(extras, LAYOUTS["extras"]) +
-                         expected_rows(odd[:40] + odd[44:], MAIN27))
-    found["cut_expected"] = expected_rows(cut_lines, MAIN27)
+    found["expected"] = (proxy_reference_rows(zipped, MAIN27) +
+                         proxy_reference_rows(extras, LAYOUTS["extras"]) +
+                         proxy_reference_rows(odd[:40] + odd[44:], MAIN27))
+    found["cut_expected"] = proxy_reference_rows(cut_lines, MAIN27)
 
     # Forged records, already in the topic when the run starts.
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
@@ -126,14 +118,14 @@ def edges(tmp_path_factory, broker):
     found["forged"] = dict(zip(
         ["slash", "no_id", "no_fields", "bad_end"],
         send(bootstrap, env.topic, [(*slash, 0), (*no_id, 1), (*no_fields, 0), (*bad_end, 1)])))
-    found["forged_lines"] = expected_rows(forged_lines, MAIN27)
+    found["forged_lines"] = proxy_reference_rows(forged_lines, MAIN27)
 
     # Run 1: master and job, --once.
     result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
                              "-c", str(env.config)], capture_output=True, text=True, timeout=600)
     found["run1"] = result
-    found["rows1"] = table_rows(env.hive)
-    found["rejects1"] = rejects_of(env.warehouse)
+    found["rows1"] = proxy_table_rows(env.hive)
+    found["rejects1"] = proxy_rejects(env.warehouse)
     found["master_log"] = env.log(f"{env.pipeline}-master.log")
     found["job_log1"] = env.log(f"{env.pipeline}-stream.log")
     run_id = re.search(r"announced the end of run ([0-9a-f]+)", found["master_log"]).group(1)
@@ -148,7 +140,7 @@ def edges(tmp_path_factory, broker):
                                                     [(*same_id, 1), (*slash, 0)])
     found["real"] = (real.value, real.headers)
     found["same_id_msg"] = same_id
-    found["same_id_rows"] = expected_rows(other, MAIN27)
+    found["same_id_rows"] = proxy_reference_rows(other, MAIN27)
 
     # Run 2: the job alone, from scratch over the whole topic (its checkpoint
     # removed), as after any number of restarts.
@@ -157,16 +149,16 @@ def edges(tmp_path_factory, broker):
         [sys.executable, "-m", "spot_ingest.cli", "stream", "-t", env.pipeline, "-c",
          str(env.config), "--partitions", "2", "--run-id", run_id],
         capture_output=True, text=True, timeout=600, cwd=REPO)
-    found["rows2"] = table_rows(env.hive)
-    found["rejects2"] = rejects_of(env.warehouse)
+    found["rows2"] = proxy_table_rows(env.hive)
+    found["rejects2"] = proxy_rejects(env.warehouse)
     yield found
     env.stop_all()
 
 
 def test_log_gz_is_published_as_its_lines_and_a_truncated_gz_is_set_aside(edges):
     env = edges["env"]
-    assert sorted(map(key, edges["rows1"])) == sorted(map(key, edges["expected"]))
-    assert not set(map(key, edges["cut_expected"])) & set(map(key, edges["rows1"]))
+    assert sorted(map(proxy_key, edges["rows1"])) == sorted(map(proxy_key, edges["expected"]))
+    assert not set(map(proxy_key, edges["cut_expected"])) & set(map(proxy_key, edges["rows1"]))
     aside = env.staging / "quarantine" / env.pipeline
     assert (aside / "cut.log.gz").read_bytes() == edges["cut_bytes"], "kept whole, set aside"
     reason = (aside / "cut.log.gz.reason.txt").read_text()
@@ -199,20 +191,19 @@ def test_forged_messages_are_rejected_not_a_failed_batch_and_never_replace_real_
             sent = slash if name == "slash" else edges["forged"][name]
             assert (messages[reason]["kafka_partition"], messages[reason]["kafka_offset"]) == \
                 (sent.partition, sent.offset), name
-    assert not set(map(key, edges["forged_lines"])) & set(map(key, edges["rows2"]))
+    assert not set(map(proxy_key, edges["forged_lines"])) & set(map(proxy_key, edges["rows2"]))
     # A real message's id over other content writes a file of its own; the
     # real message's file keeps its rows, and re-reading the whole topic
     # doubles nothing.
     real_value, real_headers = edges["real"]
     real_file = list(env.hive.rglob(f"part-{output_name(real_value, real_headers)}.parquet"))
     assert len(real_file) >= 1
-    real_rows = ds.dataset(real_file, format="parquet", partitioning=PARTITIONING,
-                           partition_base_dir=str(env.hive)).to_table().to_pylist()
+    real_rows = proxy_table_rows(env.hive, real_file)
     real_lines = real_value.decode().split("\n")
-    assert sorted(map(key, real_rows)) == sorted(map(key, expected_rows(
+    assert sorted(map(proxy_key, real_rows)) == sorted(map(proxy_key, proxy_reference_rows(
         real_lines, dict(real_headers)["spot.fields"].decode())))
     assert list(env.hive.rglob(f"part-{output_name(*edges['same_id_msg'])}.parquet"))
-    assert sorted(map(key, edges["rows2"])) == sorted(map(key, edges["expected"] +
+    assert sorted(map(proxy_key, edges["rows2"])) == sorted(map(proxy_key, edges["expected"] +
                                                           edges["same_id_rows"]))
     line_rejects = [sorted((r["source"], r["line_no"], r["reason"]) for r in rejects
                            if r["line_no"] is not None)
@@ -294,8 +285,8 @@ def test_grown_log_loses_no_line_and_doubles_none(make_env):
         assert f"publishing grow.log: bytes {len(head)}-{total}, from line {len(header(MAIN27)) + 301}" \
             in log, "the second time, only what follows the first half"
         wait_for(lambda: processed_everything(env, bootstrap), 240, "the job to load every message")
-        rows = table_rows(env.hive)
-        expected = expected_rows(warm + first + second, MAIN27)
-        assert sorted(map(key, rows)) == sorted(map(key, expected)), "every line once"
-        assert not rejects_of(env.warehouse)
+        rows = proxy_table_rows(env.hive)
+        expected = proxy_reference_rows(warm + first + second, MAIN27)
+        assert sorted(map(proxy_key, rows)) == sorted(map(proxy_key, expected)), "every line once"
+        assert not proxy_rejects(env.warehouse)
         assert job.poll() is None and master.poll() is None

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Env, reference_rows, table_rows, wait_for
-from pipelines.flow.sample import make_nfcapd_file
+from conftest import Env, wait_for
+from reference import flow_reference_rows, flow_table_rows
+from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.bus import Announcement, Announcer, PartitionReader
 from spot_ingest.config import KafkaConfig
 
@@ -31,7 +32,7 @@ class Trust:
         self.kafka = KafkaConfig(env.data["kafka"]["kafka_server"], int(env.data["kafka"]["kafka_port"]))
         self.staged = {p.name.split("-", 1)[1]: p
                        for p in (env.warehouse / "flow" / "binary").rglob("*nfcapd.*")}
-        self.expected = reference_rows(files)
+        self.expected = flow_reference_rows(files)
 
     def genuine(self, name: str) -> Announcement:
         path = self.staged[name]
@@ -73,7 +74,7 @@ class Trust:
         return dead
 
     def table_intact(self) -> None:
-        assert table_rows(self.env.table()) == self.expected
+        assert flow_table_rows(self.env.table()) == self.expected
         assert len(list(self.env.hive.rglob("*.parquet"))) == len(self.files)
         for name, path in self.staged.items():
             assert path.exists(), f"staged {name} still in place"

@@ -22,17 +22,18 @@ import shutil
 import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from spot_ingest.pipeline import BadInputError, DamagedInputError, Pipeline
-from spot_ingest.config import _coerce
+from spot_ingest.config import PipelineConfig, _coerce
+from spot_ingest.pipeline import BadInputError, DamagedInputError, FilePipeline
 from spot_ingest.tools import ToolRun, stream_csv
+from spot_ingest.warehouse import HOURLY_PARTITIONS, hourly_partitions
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ TABLE_SCHEMA = pa.schema([
     ("dns_qry_class", pa.string()), ("dns_qry_type", pa.int32()), ("dns_qry_rcode", pa.int32()),
     ("dns_a", pa.string()),
 ])
-HIVE_INT_PARTITIONS = pa.schema([("y", pa.int16()), ("m", pa.int8()), ("d", pa.int8()),
-                                 ("h", pa.int8())])
 
 # process_opt is parsed as tshark 4.0 parses its command line: getopt_long
 # with a leading "+" (tshark.c), so letters cluster (``-nYdns``), a value may
@@ -264,24 +263,35 @@ def to_table_batch(raw: pa.RecordBatch) -> pa.RecordBatch:
         _int(f["dns_qry_type"]),
         _int(f["dns_flags_rcode"]),
         pc.replace_substring(f["dns_a"], VALUE_SEPARATOR, ","),
-        pc.cast(pc.year(ts), pa.int16()), pc.cast(pc.month(ts), pa.int8()),
-        pc.cast(pc.day(ts), pa.int8()), pc.cast(pc.hour(ts), pa.int8()),
+        *hourly_partitions(ts),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=DNS.full_schema)
 
 
-class DnsPipeline(Pipeline):
+@dataclass(frozen=True)
+class DnsOptions:
+    """The dns pipeline's options: packets per chunk (``pkt_num``), where the
+    master splits (``pcap_split_staging``), and what ``process_opt`` adds to
+    tshark: allowed options and display filters (each ANDed with responses)."""
+    pkt_num: int = 650_000
+    split_dir: str | None = None
+    tshark_args: tuple[str, ...] = ()
+    filters: tuple[str, ...] = ()
+
+
+class DnsPipeline(FilePipeline):
     type = "dns"
     table = "dns"
     schema = TABLE_SCHEMA
-    partition_schema = HIVE_INT_PARTITIONS
+    partition_schema = HOURLY_PARTITIONS
     default_supported_files = (".pcap", ".pcapng", ".pcap.gz")
+    directory_keys = ("pcap_split_staging",)
     tools = ("editcap", "tshark")
 
     def packages(self, tools):
         return ["tshark" for _ in tools]   # Debian's tshark brings editcap
 
-    def parse_options(self, raw, error):
+    def parse_options(self, raw, error) -> DnsOptions:
         pkt_num = raw.get("pkt_num", 650_000)
         try:
             pkt_num = _coerce(pkt_num, "pos_int")
@@ -331,13 +341,12 @@ class DnsPipeline(Pipeline):
         if superseded:
             log.info("pipelines: dns process_opt %s: output form and fields are set by the dns "
                      "table; ignored", " ".join(superseded))
-        opts = {"pkt_num": pkt_num, "split_dir": split_dir, "tshark_args": tuple(extra),
-                "filters": tuple(filters)}
+        opts = DnsOptions(pkt_num, split_dir, tuple(extra), tuple(filters))
         if extra or filters:
             # Each filter alone, then the worker's own command: tshark's own
             # parser proves each filter one whole expression, and takes every option.
             alone = [["tshark", "-n", "-r", "-", "-Y", text] for text in filters]
-            worker = self.tshark_command(Path("-"), SimpleNamespace(options=opts))
+            worker = self.tshark_command(Path("-"), opts)
             problems = tshark_problem(*alone, worker)
             for text, problem in zip(filters, problems):
                 if problem:
@@ -348,12 +357,12 @@ class DnsPipeline(Pipeline):
         return opts
 
     # -- master side -------------------------------------------------------
-    def scratch_dir(self, cfg) -> Path:
-        return Path(cfg.options["split_dir"]) if cfg.options["split_dir"] else cfg.local_staging
+    def scratch_dir(self, cfg: PipelineConfig) -> Path:
+        return Path(cfg.options.split_dir) if cfg.options.split_dir else cfg.local_staging
 
-    def split(self, path: Path, workdir: Path, cfg) -> list[Path]:
+    def split(self, path: Path, workdir: Path, cfg: PipelineConfig) -> list[Path]:
         # editcap names chunks <prefix>_<5-digit index>_<timestamp>.<ext>.
-        result = subprocess.run(["editcap", "-c", str(cfg.options["pkt_num"]), str(path),
+        result = subprocess.run(["editcap", "-c", str(cfg.options.pkt_num), str(path),
                                  str(workdir / "chunk.pcapng")], capture_output=True,
                                 stdin=subprocess.DEVNULL)
         message = result.stderr.decode("utf-8", "replace").strip()
@@ -363,7 +372,7 @@ class DnsPipeline(Pipeline):
         # editcap exits 0 on a damaged or truncated capture, keeping only the
         # packets before the damage: say so, and let the master keep the original.
         if CUT_SHORT in message or DAMAGED in message:
-            kept = (len(chunks) - 1) * cfg.options["pkt_num"] + _packets(chunks[-1]) if chunks else 0
+            kept = (len(chunks) - 1) * cfg.options.pkt_num + _packets(chunks[-1]) if chunks else 0
             raise DamagedInputError(
                 f"{path} is damaged or truncated: {kept} packet(s) before the damage are "
                 f"loaded, the rest of its {path.stat().st_size} bytes is not "
@@ -371,20 +380,20 @@ class DnsPipeline(Pipeline):
         return chunks
 
     # -- worker side -------------------------------------------------------
-    def tshark_command(self, path: Path, cfg) -> list[str]:
-        opts = cfg.options if cfg is not None else self.parse_options({}, None)
+    def tshark_command(self, path: Path, opts: DnsOptions | None = None) -> list[str]:
+        opts = opts or DnsOptions()
         display = RESPONSES_ONLY
-        for extra in opts["filters"]:
+        for extra in opts.filters:
             display = f"({display}) && ({extra})"
         cmd = ["tshark", "-n", "-r", str(path), "-Y", display, "-T", "fields",
                "-E", f"separator={FIELD_SEPARATOR}", "-E", f"aggregator={VALUE_SEPARATOR}",
-               "-E", "occurrence=a", "-E", "quote=n", *opts["tshark_args"]]
+               "-E", "occurrence=a", "-E", "quote=n", *opts.tshark_args]
         for f in (*TSHARK_FIELDS, RESPONSE_FIELD):
             cmd += ["-e", f]
         return cmd
 
-    def convert(self, path: Path, cfg=None) -> Iterator[pa.RecordBatch]:
-        with ToolRun(self.tshark_command(path, cfg), {"TZ": "UTC"}) as run:
+    def convert(self, path: Path, cfg: PipelineConfig | None = None) -> Iterator[pa.RecordBatch]:
+        with ToolRun(self.tshark_command(path, cfg.options if cfg else None), {"TZ": "UTC"}) as run:
             if run.stdout.peek(1):
                 yield from stream_csv(
                     run.stdout, "tshark",

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,8 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from spot_ingest.pipeline import BadInputError, Pipeline, ToolMissingError
+from spot_ingest.config import PipelineConfig
+from spot_ingest.pipeline import BadInputError, FilePipeline, ToolMissingError
 from spot_ingest.tools import ToolRun, stream_csv
+from spot_ingest.warehouse import HOURLY_PARTITIONS, hourly_partitions
 
 from .protocols import PROTOCOL_NAMES
 
@@ -99,8 +102,6 @@ TABLE_SCHEMA = pa.schema([
     ("input", pa.int32()), ("output", pa.int32()), ("sas", pa.int32()), ("das", pa.int32()),
     ("dtos", pa.int32()), ("dir", pa.int32()), ("rip", pa.string()),
 ])
-HIVE_INT_PARTITIONS = pa.schema([("y", pa.int16()), ("m", pa.int8()), ("d", pa.int8()),
-                                 ("h", pa.int8())])
 
 _PROTOCOL_NAMES = pa.array(PROTOCOL_NAMES, pa.string())
 _UINT32_WRAP = 1 << 32
@@ -207,23 +208,30 @@ def to_table_batch(raw: pa.RecordBatch) -> pa.RecordBatch:
         raw["dtos"],
         pc.cast(pc.equal(_trim(raw["dir"]), "E"), i32),
         _trim(raw["ra"]),
-        pc.cast(pc.year(ts), pa.int16()), pc.cast(pc.month(ts), pa.int8()),
-        pc.cast(pc.day(ts), pa.int8()), pc.cast(pc.hour(ts), pa.int8()),
+        *hourly_partitions(ts),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=FLOW.full_schema)
 
 
-class FlowPipeline(Pipeline):
+@dataclass(frozen=True)
+class FlowOptions:
+    """The flow pipeline's options: what nfdump gets after its own arguments
+    (``("--", FILTER)`` or nothing), from ``process_opt``."""
+    nfdump_args: tuple[str, ...] = ()
+
+
+class FlowPipeline(FilePipeline):
     type = "flow"
     table = "flow"
     schema = TABLE_SCHEMA
-    partition_schema = HIVE_INT_PARTITIONS
+    partition_schema = HOURLY_PARTITIONS
     # nfcapd names finished files nfcapd.YYYYMMDDhhmm; it writes
     # nfcapd.current.PID while collecting, which the master never takes.
     default_supported_files = ("nfcapd.*",)
+    working_names = ("nfcapd.current.*",)
     tools = ("nfdump",)
 
-    def parse_options(self, raw, error):
+    def parse_options(self, raw, error) -> FlowOptions:
         try:
             extra = shlex.split(raw.get("process_opt", "") or "")
         except ValueError as exc:
@@ -240,21 +248,22 @@ class FlowPipeline(Pipeline):
                                        f"expression (e.g. \"not proto icmp\"); remove it")
         text = " ".join(words)
         if not text.strip():
-            return {"nfdump_args": ()}
+            return FlowOptions()
         problem = nfdump_filter_problem(text)
         if problem:
             raise error("process_opt", f"nfdump cannot use the filter '{text}': {problem}")
         # One argument after "--": nfdump can take no part of it for an option,
         # wherever the worker puts it.
-        return {"nfdump_args": ("--", text)}
+        return FlowOptions(("--", text))
 
-    def nfdump_command(self, path: Path, cfg) -> list[str]:
-        extra = list(cfg.options["nfdump_args"]) if cfg and cfg.options else []
+    def nfdump_command(self, path: Path, cfg: PipelineConfig | None) -> list[str]:
+        extra = list(cfg.options.nfdump_args) if cfg is not None else []
         # The filter ("--", expression) goes last: nfdump takes its trailing
         # non-option arguments as the filter.
         return ["nfdump", "-q", "-N", "-6", "-r", str(path), "-o", NFDUMP_FORMAT, *extra]
 
-    def convert(self, path: Path, cfg=None, block_size: int = 4 << 20) -> Iterator[pa.RecordBatch]:
+    def convert(self, path: Path, cfg: PipelineConfig | None = None,
+                block_size: int = 4 << 20) -> Iterator[pa.RecordBatch]:
         with ToolRun(self.nfdump_command(path, cfg), {"TZ": "UTC"}) as run:
             head = run.stdout.peek(len(NO_FLOWS))
             if head and not head.startswith(NO_FLOWS):

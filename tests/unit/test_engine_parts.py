@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spot_ingest.bus import END_OF_RUN, Announcement, BusError, PartitionBalancer
+from spot_ingest.pipelines.flow import FLOW
+from spot_ingest.store import LocalStore
 from spot_ingest.warehouse import TableWriter, remove_stale_temporaries
 from spot_ingest.watcher import is_candidate_name
 
@@ -22,12 +24,17 @@ def batch(values, hours, year=2026):
          pa.array(hours, pa.int8())], schema=pa.schema(list(SCHEMA) + list(PARTS)))
 
 
+def area(tmp_path):
+    """The test's folder as a table area of a store (the store is its parent)."""
+    return LocalStore(str(tmp_path.parent)), tmp_path.name
+
+
 def table_files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def test_writer_routes_rows_to_their_partitions(tmp_path):
-    w = TableWriter(tmp_path, "part-abc", SCHEMA, PARTS, "w0")
+    w = TableWriter(*area(tmp_path), "part-abc", SCHEMA, PARTS, "w0")
     w.write(batch([1, 2, 3], [5, 6, 5]))
     w.write(batch([4], [7]))
     assert w.commit() == {"y=2026/h=5": 2, "y=2026/h=6": 1, "y=2026/h=7": 1}
@@ -40,7 +47,7 @@ def test_writer_routes_rows_to_their_partitions(tmp_path):
 
 
 def test_aborted_writer_leaves_nothing_visible(tmp_path):
-    w = TableWriter(tmp_path, "part-abc", SCHEMA, PARTS, "w0")
+    w = TableWriter(*area(tmp_path), "part-abc", SCHEMA, PARTS, "w0")
     w.write(batch(list(range(1000)), [1] * 1000))
     w._flush(next(iter(w.partitions.values())))     # a temporary file exists on disk
     assert list((tmp_path / "_tmp").iterdir())
@@ -50,7 +57,7 @@ def test_aborted_writer_leaves_nothing_visible(tmp_path):
 
 def test_a_second_commit_of_the_same_input_replaces(tmp_path):
     for values in ([1, 2, 3], [1, 2, 3]):
-        w = TableWriter(tmp_path, "part-same", SCHEMA, PARTS, "w0")
+        w = TableWriter(*area(tmp_path), "part-same", SCHEMA, PARTS, "w0")
         w.write(batch(values, [1] * len(values)))
         w.commit()
     files = table_files(tmp_path / "hive")
@@ -62,7 +69,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
     (tmp_path / "_tmp").mkdir()
     (tmp_path / "_tmp" / "w0-x-0.parquet.tmp").write_bytes(b"half")
     (tmp_path / "_tmp" / "w1-x-0.parquet.tmp").write_bytes(b"another worker's")
-    assert remove_stale_temporaries(tmp_path, "w0") == 1
+    assert remove_stale_temporaries(*area(tmp_path), "w0") == 1
     assert [p.name for p in (tmp_path / "_tmp").iterdir()] == ["w1-x-0.parquet.tmp"]
 
 
@@ -71,7 +78,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
     ("nfcapd.202611211200.tmp", False), ("capture.pcap", False), ("x.part", False),
 ])
 def test_watcher_name_rules_for_flow(name, taken):
-    assert is_candidate_name(name, ("nfcapd.*",)) is taken
+    assert is_candidate_name(name, ("nfcapd.*",), FLOW.working_names) is taken
 
 
 def test_watcher_plain_entries_are_prefixes_or_suffixes():
@@ -120,11 +127,11 @@ def test_balancer_is_round_robin_between_equals():
 
 
 def test_writer_as_a_block_commits_or_aborts(tmp_path):
-    with TableWriter(tmp_path, "part-ok", SCHEMA, PARTS, "w0") as w:
+    with TableWriter(*area(tmp_path), "part-ok", SCHEMA, PARTS, "w0") as w:
         w.write(batch([1, 2], [3, 3]))
     assert table_files(tmp_path / "hive") == ["y=2026/h=3/part-ok.parquet"]
     with pytest.raises(RuntimeError):
-        with TableWriter(tmp_path, "part-bad", SCHEMA, PARTS, "w0") as w:
+        with TableWriter(*area(tmp_path), "part-bad", SCHEMA, PARTS, "w0") as w:
             w.write(batch([1, 2], [4, 4]))
             raise RuntimeError("conversion failed half-way")
     assert table_files(tmp_path / "hive") == ["y=2026/h=3/part-ok.parquet"]

@@ -30,7 +30,7 @@ SCHEMA = pa.schema([("value", pa.int64())])
 PARTS = pa.schema([("h", pa.int8())])
 
 
-class FakePipeline(registry.Pipeline):
+class FakePipeline(registry.FilePipeline):
     """Each staged file's text says what convert does: 'rows N', 'bad', 'fail
     rows N' (fails the first time), or 'wait NAME rows N' (blocks until the
     test releases NAME); words after N make contents differ."""
