@@ -16,7 +16,7 @@ any shared filesystem is used.
 
 Announcements name a staged file by its path relative to the store root, so
 hosts may mount the store at different places. A worker trusts nothing in an
-announcement: ``open_staged`` accepts only a regular file under
+announcement: ``fetch`` accepts only a regular file under
 ``<type>/binary/``, reached without following any symlink, and everything the
 worker moves or writes stays inside the store's own areas. The marker file
 tells "the store is not mounted right now" (wait and retry) from "this file
@@ -24,6 +24,7 @@ is gone" (refuse the announcement with a reason).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Iterator, Protocol
 
 COPY_CHUNK = 1 << 20
 MARKER = ".spot-ingest-store"
@@ -66,6 +67,13 @@ class StoreUnavailable(StoreError):
 class RefusedInput(Exception):
     """An announcement (or what it names) fails a check: it is refused, with
     this reason, and the file it names is left untouched."""
+
+
+@dataclass(frozen=True)
+class StagedCopy:
+    """A checked staged file, readable on this host (``Store.fetch``)."""
+    path: Path         # where a tool reads it
+    fd: int            # an open descriptor of the same file, for hashing
 
 
 @dataclass(frozen=True)
@@ -164,10 +172,12 @@ class Store(Protocol):
     * ``stage()`` copies a file in, hashing it on the way; the staged file is
       visible under its final name only when complete, and that name carries
       the checksum, so staging the same content twice lands on one name.
-    * ``staged_relative()`` and ``open_staged()`` accept from an announcement
-      only a regular file under ``<type>/binary/``, reached without following
+    * ``staged_relative()`` and ``fetch()`` accept from an announcement only a
+      regular file under ``<type>/binary/``, reached without following
       symlinks (``RefusedInput`` otherwise); a missing file is "gone" only
-      while the store is reachable.
+      while the store is reachable. ``fetch()`` makes it readable on this
+      host for the time of a ``with`` block: in place for a mounted store,
+      copied to local scratch for a remote one.
     * ``quarantine()`` moves a checked staged file aside within the store,
       ``refuse()`` keeps a refused announcement as a dead letter; neither
       ever overwrites an earlier item or touches anything outside the store.
@@ -188,8 +198,7 @@ class Store(Protocol):
     def stage(self, source: Path, ptype: str, relative_name: str,
               collected_at: float) -> StagedFile: ...
     def staged_relative(self, location: str, ptype: str) -> str: ...
-    def open_staged(self, relative: str) -> int: ...
-    def local_path(self, relative: str) -> Path: ...
+    def fetch(self, relative: str) -> contextlib.AbstractContextManager[StagedCopy]: ...
     def quarantine(self, relative: str, ptype: str, reason: str) -> Path: ...
     def refuse(self, ptype: str, topic: str, partition: int, offset: int, reason: str,
                record: dict) -> Path: ...
@@ -390,6 +399,16 @@ class LocalStore(Store):
         """Where a checked staged path (see ``staged_relative``) is on this host."""
         return self.root / relative
 
+    @contextlib.contextmanager
+    def fetch(self, relative: str) -> Iterator[StagedCopy]:
+        """The staged file in place, checked (``open_staged``), with its
+        descriptor open for the block."""
+        fd = self.open_staged(relative)
+        try:
+            yield StagedCopy(self.local_path(relative), fd)
+        finally:
+            os.close(fd)
+
     def quarantine(self, relative: str, ptype: str, reason: str) -> Path:
         """Move a checked staged file aside, within the store, with a note saying
         why; return its new path."""
@@ -403,10 +422,12 @@ class LocalStore(Store):
 
     # -- table files: written aside, then made visible -----------------------
     def write_aside(self, area: str, name: str) -> BinaryIO:
-        """A new file in ``<area>/_tmp/`` to write a table file into."""
+        """A new file in ``<area>/_tmp/`` to write a table file into (an
+        Arrow file: Parquet is written to it without taking Python's GIL)."""
+        import pyarrow as pa
         tmp = self.root / area / "_tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        return open(tmp / name, "wb")
+        return pa.OSFile(str(tmp / name), mode="wb")
 
     def make_visible(self, area: str, name: str, final: str) -> None:
         """Move a finished file from ``<area>/_tmp/`` to ``<area>/<final>``:

@@ -22,6 +22,7 @@ read is moved, within the store, to quarantine.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,7 +42,7 @@ from .config import IngestConfig, PipelineConfig, read_signing_key
 from .logs import printable
 from .policy import Backoff, ExitCode, process_pool
 from .pipeline import BadInputError
-from .store import SHA256_RE, RefusedInput, Store, open_store
+from .store import SHA256_RE, RefusedInput, StagedCopy, Store, open_store
 from .tools import ToolTimeout, time_limit
 from .warehouse import TableWriter, remove_stale_temporaries
 
@@ -120,14 +121,20 @@ class _Hasher(threading.Thread):
 
 def load_file(job: Job) -> Outcome:
     """Check, convert and load one staged file (runs in a pool process)."""
-    ann, pcfg = job.announcement, job.pipeline
-    plugin = registry.load(pcfg.type)
+    plugin = registry.load(job.pipeline.type)
     store = open_store(job.store_location)
     started = time.monotonic()
-    try:
-        fd = store.open_staged(job.staged)
-    except RefusedInput as exc:
-        return _refuse(job, store, str(exc), started)
+    with contextlib.ExitStack() as held:
+        try:
+            staged = held.enter_context(store.fetch(job.staged))
+        except RefusedInput as exc:
+            return _refuse(job, store, str(exc), started)
+        return _load(job, plugin, store, staged, started)
+
+
+def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedCopy,
+          started: float) -> Outcome:
+    ann, pcfg, fd = job.announcement, job.pipeline, staged.fd
     writer = TableWriter(store, plugin.table, output_name(ann), plugin.schema,
                          plugin.partition_schema, f"{job.tmp_prefix}-{os.getpid()}")
     rows = 0
@@ -141,7 +148,7 @@ def load_file(job: Job) -> Outcome:
         hasher.start()
         last_report = started
         with time_limit(pcfg.convert_timeout):
-            for batch in plugin.convert(store.local_path(job.staged), pcfg):
+            for batch in plugin.convert(staged.path, pcfg):
                 writer.write(batch)
                 rows += batch.num_rows
                 now = time.monotonic()
@@ -175,7 +182,6 @@ def load_file(job: Job) -> Outcome:
         if hasher is not None:     # never leave it reading a descriptor that is closed
             hasher.stop = True
             hasher.join()
-        os.close(fd)
     return Outcome("loaded", rows, partitions, time.monotonic() - started)
 
 

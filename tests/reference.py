@@ -6,7 +6,8 @@ A reader here must not share the pipeline's own parsing: where the pipeline
 reads nfdump's or tshark's output in a format of its own choosing with
 pyarrow's csv reader, or cuts Blue Coat lines with a Spark regular
 expression, the reference asks the tool for another output format (nfdump's
-``-o csv``, tshark's ``-T json``) or parses with Python's csv module. What
+``-o csv``, tshark's ``-T json``) or parses with Python's csv module (Blue
+Coat) or str.split and urllib.parse (squid). What
 the readers take from the pipelines is only the tables' column lists (for
 the proxy, also which log field fills a column and which columns are
 integers).
@@ -17,12 +18,14 @@ tests/ on sys.path, and conftest.py puts the repository there).
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
 import struct
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -168,3 +171,50 @@ def proxy_rejects(warehouse: Path) -> list[dict]:
     if not root.exists():
         return []
     return ds.dataset(root, format="parquet").to_table().to_pylist()
+
+
+# -- squid ----------------------------------------------------------------------
+
+SQUID_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+
+
+def squid_reference_row(line: str) -> dict:
+    """One line of squid's native format -> the table's row, in plain Python.
+
+    Seven fields from the left (runs of spaces separate them: squid pads
+    the elapsed time), the last two from the right, the user name between
+    them as written (squid does not escape spaces in it)."""
+    head = line.split(None, 7)
+    assert len(head) == 8, f"not a native squid line: {line!r}"
+    tstamp, elapsed, client, code_status, nbytes, method, url, rest = head
+    user, hier_peer, ctype = rest.rsplit(" ", 2)
+    secs, ms = tstamp.split(".")
+    when = dt.datetime.fromtimestamp(int(secs), dt.timezone.utc)
+    code, status = code_status.split("/")
+    hier, peer = hier_peer.split("/", 1)
+    scheme = host = path = query = ""
+    port = None
+    if method == "CONNECT":
+        host, port_text = url.rsplit(":", 1)
+        port = int(port_text)
+    elif "://" in url:
+        u = urlsplit(url)
+        scheme, host, path = u.scheme, u.hostname or "", u.path
+        query = "?" + u.query if u.query else ""
+        port = u.port if u.port is not None else SQUID_DEFAULT_PORTS.get(scheme)
+
+    def text(v: str) -> str:
+        return "" if v == "-" else v
+
+    row = {
+        "p_date": when.strftime("%Y-%m-%d"), "p_time": when.strftime("%H:%M:%S"),
+        "unix_tstamp": int(secs), "unix_tstamp_ms": int(secs) * 1000 + int(ms),
+        "duration": int(elapsed), "clientip": text(client), "resultcode": code,
+        "respcode": int(status), "scbytes": int(nbytes), "reqmethod": text(method),
+        "fulluri": text(url), "urischeme": scheme, "host": host, "uriport": port,
+        "uripath": path, "uriquery": query, "username": text(user), "hierarchy": hier,
+        "serverip": text(peer), "resconttype": text(ctype),
+    }
+    row.update(y=when.strftime("%Y"), m=when.strftime("%m"), d=when.strftime("%d"),
+               h=when.strftime("%H"))
+    return row

@@ -2,79 +2,32 @@
 runs squid 5 on loopback as a forward proxy in front of a local web server),
 parsed by the pipeline's Spark expressions in a real local Spark, compared
 field for field with an independent reading of the same lines in plain
-Python (``reference_row``: str.split and urllib.parse, no regular expression).
+Python (``reference.squid_reference_row``: str.split and urllib.parse, no
+regular expression).
 
 The only lines not written by squid are the damaged ones of the reject
 tests, and they are made from squid's lines by damaging them in code.
 """
 from __future__ import annotations
 
-import datetime as dt
 import gzip
 import os
 import shutil
 import signal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
 from conftest import wait_for  # conftest also puts the repository on sys.path
+from reference import squid_reference_row as reference_row
 from spot_ingest.pipelines.squid import (NATIVE_FIELDS, PROXY_COLUMNS, STRING_PARTITIONS,
                                          TABLE_SCHEMA)
 from spot_ingest.pipelines.squid import PIPELINE as SQUID
 from spot_ingest.pipelines.squid.sample import SAMPLE_NAME, SquidSample, make_access_log
 
 COLUMNS = TABLE_SCHEMA.names + STRING_PARTITIONS.names
-DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
-
-
-# -- the independent reader ------------------------------------------------------
-
-def reference_row(line: str) -> dict:
-    """One line of squid's native format -> the table's row, in plain Python.
-
-    Seven fields from the left (runs of spaces separate them: squid pads
-    the elapsed time), the last two from the right, the user name between
-    them as written (squid does not escape spaces in it)."""
-    head = line.split(None, 7)
-    assert len(head) == 8, f"not a native squid line: {line!r}"
-    tstamp, elapsed, client, code_status, nbytes, method, url, rest = head
-    user, hier_peer, ctype = rest.rsplit(" ", 2)
-    secs, ms = tstamp.split(".")
-    when = dt.datetime.fromtimestamp(int(secs), dt.timezone.utc)
-    code, status = code_status.split("/")
-    hier, peer = hier_peer.split("/", 1)
-    scheme = host = path = query = ""
-    port = None
-    if method == "CONNECT":
-        host, port_text = url.rsplit(":", 1)
-        port = int(port_text)
-    elif "://" in url:
-        u = urlsplit(url)
-        scheme, host, path = u.scheme, u.hostname or "", u.path
-        query = "?" + u.query if u.query else ""
-        port = u.port if u.port is not None else DEFAULT_PORTS.get(scheme)
-
-    def text(v: str) -> str:
-        return "" if v == "-" else v
-
-    row = {
-        "p_date": when.strftime("%Y-%m-%d"), "p_time": when.strftime("%H:%M:%S"),
-        "unix_tstamp": int(secs), "unix_tstamp_ms": int(secs) * 1000 + int(ms),
-        "duration": int(elapsed), "clientip": text(client), "resultcode": code,
-        "respcode": int(status), "scbytes": int(nbytes), "reqmethod": text(method),
-        "fulluri": text(url), "urischeme": scheme, "host": host, "uriport": port,
-        "uripath": path, "uriquery": query, "username": text(user), "hierarchy": hier,
-        "serverip": text(peer), "resconttype": text(ctype),
-    }
-    row.update(y=when.strftime("%Y"), m=when.strftime("%m"), d=when.strftime("%d"),
-               h=when.strftime("%H"))
-    return row
-
-
 def log_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
