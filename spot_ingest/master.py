@@ -507,7 +507,7 @@ class Master:
         self._forget(key)
 
     def _backoff(self, item: _Work, what: str, exc: Exception) -> None:
-        delay = item.backoff.delay()
+        delay = item.backoff.delay(getattr(exc, "retry_after", None))
         item.retry_at = time.monotonic() + delay
         problem = security_problem(self.cfg.kafka) if isinstance(exc, KafkaError) else None
         if problem:   # TLS or SASL refuses: it will not fix itself, say so loudly

@@ -26,7 +26,8 @@ class ExitCode(IntEnum):
 
 class RetryLater(Exception):
     """Raised where a step cannot be done now but may be later; ``retry_after``
-    (seconds) is the raiser's advice, the caller's ``Backoff`` decides."""
+    (seconds) is the raiser's advice, which the caller's ``Backoff`` takes as
+    the shortest delay (``StoreUnavailable`` is one)."""
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Protocol
 
+from .policy import RetryLater
+
 COPY_CHUNK = 1 << 20
 MARKER = ".spot-ingest-store"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -60,8 +62,12 @@ def _read_source(src, source) -> bytes:
         raise SourceError(f"cannot read {source}: {exc.strerror}") from None
 
 
-class StoreUnavailable(StoreError):
-    """The store is not reachable now (e.g. its mount is down): retry later."""
+class StoreUnavailable(RetryLater, StoreError):
+    """The store is not reachable now (e.g. its mount is down): retry later,
+    not sooner than ``retry_after`` seconds (a mount does not come back in two)."""
+
+    def __init__(self, message: str, retry_after: float = 10.0):
+        super().__init__(message, retry_after)
 
 
 class RefusedInput(Exception):

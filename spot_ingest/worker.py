@@ -546,7 +546,7 @@ class Worker:
                 broken = True
                 continue
             except Exception as exc:
-                delay = item.backoff.delay()
+                delay = item.backoff.delay(getattr(exc, "retry_after", None))
                 item.future, item.retry_at = None, time.monotonic() + delay
                 log.warning("could not load %s (%s: %s); offset %d not committed, retry %d in %.0f s",
                             printable(ann.original_name), type(exc).__name__, exc, offset,

@@ -93,7 +93,11 @@ def trust(tmp_path_factory, broker):
     env.worker(0)
     env.master(1)
     wait_for(lambda: env.row_count() == 2010, 120, "the two genuine files")
-    yield Trust(env, files, victim)
+    trust = Trust(env, files, victim)
+    # The offset is committed after the rows are in place: each test starts
+    # from a partition whose every record is committed.
+    wait_for(lambda: trust.committed() == 2, 60, "both announcements committed")
+    yield trust
     env.stop_all()
 
 

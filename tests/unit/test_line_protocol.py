@@ -11,7 +11,7 @@ from spot_ingest import pipeline as registry
 from spot_ingest.config import KafkaConfig
 from spot_ingest.pipelines.proxy import PROXY
 from spot_ingest.pipelines.proxy.sample import write_log
-from spot_ingest.policy import Backoff
+from spot_ingest.policy import Backoff, RetryLater
 from spot_ingest.streaming import StreamConfigError, spark_kafka_options
 
 
@@ -99,3 +99,11 @@ def test_registry_knows_each_folder_and_refuses_a_bare_pipeline(monkeypatch):
         registry.RecordPipeline()      # parse is abstract: a record pipeline must give it
     with pytest.raises(KeyError, match="unknown pipeline type 'nosuch'"):
         registry.load("nosuch")
+
+
+def test_an_unreachable_store_is_retried_no_sooner_than_it_advises(tmp_path):
+    from spot_ingest.store import LocalStore, StoreUnavailable
+    with pytest.raises(StoreUnavailable) as refused:
+        LocalStore(str(tmp_path / "not-mounted")).check_reachable()
+    assert isinstance(refused.value, RetryLater)
+    assert Backoff(first=2.0, most=60.0).delay(refused.value.retry_after) == 10.0
