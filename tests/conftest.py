@@ -73,23 +73,35 @@ def _reap_zombies() -> None:
 
 @pytest.fixture(autouse=True)
 def _no_process_left_behind():
-    """Stop whatever the test started and did not stop: SIGTERM, then SIGKILL."""
+    """Stop whatever the test started and did not stop: SIGTERM, then SIGKILL.
+    Multiprocessing's resource trackers go last, on their own: each removes
+    the named semaphores of its (killed) owner once every process that held
+    its pipe is gone, and ignores SIGTERM; killing one first leaks them."""
     before = set(_descendants())
     yield
     _reap_zombies()
     left = [p for pid, p in _descendants().items() if pid not in before]
-    for proc in left:
+    trackers = [p for p in left if _is_resource_tracker(p)]
+    others = [p for p in left if p not in trackers]
+    for proc in others:
         try:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(left, timeout=15)
+    _, alive = psutil.wait_procs(others, timeout=15)
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+    _reap_zombies()
+    _, stuck = psutil.wait_procs(trackers, timeout=30)
+    for proc in stuck:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
     _reap_zombies()
 
 
