@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from .logs import printable
 from .pipeline import BadInputError
 
 if TYPE_CHECKING:
@@ -119,10 +120,6 @@ def output_name(value: bytes | None, headers) -> str:
         hashlib.sha256(k.encode()).hexdigest() + hashlib.sha256(v.encode()).hexdigest()
         for k, v in pairs)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def printable(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def check_fields(body: bytes, what: str = "the fields header") -> tuple[str, str | None]:

@@ -89,20 +89,20 @@ def _no_process_left_behind():
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(others, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    _kill(alive)
     psutil.wait_procs(alive, timeout=5)
     _reap_zombies()
     _, stuck = psutil.wait_procs(trackers, timeout=30)
-    for proc in stuck:
+    _kill(stuck)
+    _reap_zombies()
+
+
+def _kill(procs) -> None:
+    for proc in procs:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    _reap_zombies()
 
 
 def pytest_collection_modifyitems(config, items):
