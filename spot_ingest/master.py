@@ -35,7 +35,7 @@ from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, PartitionBal
 from .config import IngestConfig, PipelineConfig, read_signing_key
 from .kafka_security import client_kwargs
 from .logs import printable
-from .policy import Backoff, ExitCode, process_pool
+from .policy import Backoff, ExitCode, process_pool, until_done
 from .store import SourceError, StagedFile, open_store, set_aside
 from .watcher import CollectorWatcher
 
@@ -120,7 +120,7 @@ class FileDelivery(Delivery):
     def take(self, path: Path, relative: str, collected_at: float) -> Taken:
         _check_size(path, self.pcfg)
         plugin = registry.load(self.pcfg.type)
-        store = open_store(self.cfg.hdfs_app_path)
+        store = open_store(self.cfg.store)
         scratch = plugin.scratch_dir(self.pcfg)
         scratch.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.pcfg.name}-split-", dir=scratch))
@@ -307,9 +307,14 @@ class Master:
         if not self.pcfg.collector_path.is_dir():
             raise MasterError(f"collector_path {self.pcfg.collector_path} of pipeline "
                               f"{self.pcfg.name} does not exist")
-        store = self.store = open_store(self.cfg.hdfs_app_path)
-        store.mark()
-        removed = store.clean_incoming(self.pcfg.type)
+        def open_and_clean():
+            self.store = open_store(self.cfg.store)
+            self.store.mark()
+            return self.store.clean_incoming(self.pcfg.type)
+        removed = until_done(open_and_clean, f"open the store {self.cfg.store}",
+                             lambda: self.stopping, log)
+        if removed is None:
+            return ExitCode.OK    # stopped while waiting for the store
         if removed:
             log.info("removed %d partial copy(ies) left in the store by a killed master", removed)
         kafka = self.cfg.kafka
@@ -327,7 +332,7 @@ class Master:
         log.info("master of pipeline %s watching %s; announcing on topic %s (%d partitions, "
                  "%d used); staging into %s with %d processes; %d file(s) found at start",
                  self.pcfg.name, self.pcfg.collector_path, self.pcfg.topic, partitions,
-                 self.workers, self.cfg.hdfs_app_path, self.cfg.collector_processes,
+                 self.workers, self.cfg.store, self.cfg.collector_processes,
                  self.watcher.pending())
         self.pool = process_pool(self.cfg.collector_processes)
         try:

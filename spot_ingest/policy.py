@@ -60,6 +60,22 @@ class Backoff:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def until_done(action, what: str, stopping, logger: logging.Logger,
+               first: float = 1.0, most: float = 30.0):
+    """``action()``, waited for while it raises ``RetryLater`` (an unreachable
+    store or KDC), each retry logged with its reason and delay; None when
+    ``stopping()`` turns true first."""
+    backoff = Backoff(first, most)
+    while not stopping():
+        try:
+            return action()
+        except RetryLater as exc:
+            delay = backoff.delay(exc.retry_after)
+            logger.warning("could not %s: %s; retrying in %.0f s", what, exc, delay)
+            Backoff.sleep(delay, stopping)
+    return None
+
+
 def _init_pool_process(level: int) -> None:
     # The parent handles Ctrl-C and SIGTERM and lets running work finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

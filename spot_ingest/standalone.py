@@ -31,10 +31,10 @@ from pathlib import Path
 from . import pipeline as registry
 from .broker import BrokerError, EmbeddedBroker, is_listening
 from .bus import BusError, ensure_topic
-from .config import ConfigError, IngestConfig, default_config_path, load
+from .config import ConfigError, IngestConfig, StoreLocation, default_config_path, load
 from .policy import ExitCode
 from .logs import setup_logging
-from .store import local_root
+from .store import open_store
 
 log = logging.getLogger("spot_ingest.standalone")
 
@@ -91,16 +91,20 @@ def _stop_children(children, timeout: float = 60) -> None:
             child.proc.wait()
 
 
-def table_summary(cfg: IngestConfig, table: str) -> tuple[Path, dict[str, int]]:
-    """Rows per partition of a table, read from the Parquet footers."""
+def table_summary(cfg: IngestConfig, table: str) -> tuple[str, dict[str, int]]:
+    """Where a table's files are and its rows per partition, read from the
+    Parquet footers (through the store: local disk or HDFS alike)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    hive = local_root(cfg.hdfs_app_path) / table / "hive"
+    store = open_store(cfg.store)
+    area = f"{table}/hive"
     rows: dict[str, int] = {}
-    if hive.is_dir():
-        for f in sorted(hive.rglob("*.parquet")):
-            part = str(f.parent.relative_to(hive))
-            rows[part] = rows.get(part, 0) + pq.ParquetFile(f).metadata.num_rows
-    return hive, rows
+    for name in store.list(area, ".parquet"):
+        part = name.rpartition("/")[0]
+        footer = pq.ParquetFile(pa.BufferReader(store.read(area, name))).metadata
+        rows[part] = rows.get(part, 0) + footer.num_rows
+    where = StoreLocation(f"{cfg.hdfs_app_path}/{area}", cfg.hdfs)
+    return str(where), rows
 
 
 def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
             print(f"  {part}: {n} rows")
         codes = ", ".join(f"{c.role}: {c.exit_code}" for c in children)
         print(f"exit codes: {codes}; logs in {cfg.log_dir}")
-        if args.demo and total:
+        if args.demo and total and cfg.hdfs is None:
             print(f"query it, e.g.: .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT count(*) "
                   f"FROM read_parquet('{hive}/**/*.parquet', hive_partitioning=true)\\\").show()\"")
     return ExitCode.ERROR if failed else ExitCode.OK

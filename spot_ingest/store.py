@@ -25,6 +25,7 @@ is gone" (refuse the announcement with a reason).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -36,7 +37,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from .config import StoreLocation
 
 from .policy import RetryLater
 
@@ -117,6 +121,39 @@ def bounded_name(name: str, limit: int = 180) -> str:
     return f"{name.encode()[:limit - 17].decode('utf-8', 'ignore')}+{digest}"
 
 
+def check_staged_location(location: str, ptype: str, root: str) -> str:
+    """An announced location as a path relative to the store root, checked:
+    under ``<ptype>/binary/``, no ``..``, no odd characters. An absolute path
+    is accepted only inside the store ``root`` (announcements of older masters)."""
+    if not location or len(location) > MAX_STAGED_PATH or "\x00" in location:
+        raise RefusedInput("staged path is empty, too long or holds a NUL byte")
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    path = PurePosixPath(location)
+    if path.is_absolute():
+        if not path.is_relative_to(PurePosixPath(root)):   # lexical: ".." is refused below
+            raise RefusedInput(f"staged path {location!r} is outside the store {root}")
+        path = path.relative_to(root)
+    parts = path.parts
+    if len(parts) < 3 or parts[0] != ptype or parts[1] != "binary":
+        raise RefusedInput(f"staged path {location!r} is not under {ptype}/binary/ in the store")
+    for part in parts:
+        if part in (".", "..") or not _STAGED_PART_RE.fullmatch(part):
+            raise RefusedInput(f"staged path {location!r} has a part that no staged file has "
+                               f"({part!r})")
+    return str(path)
+
+
+def staged_final_name(relative_name: str, sha256: str, collected_at: float) -> str:
+    """Where a staged file goes under ``<type>/``: ``binary/YYYYMMDD/HH/<the
+    collector folder>/<sha256 prefix>-<name>`` (the same for every store)."""
+    stamp = time.gmtime(collected_at)
+    rel = PurePosixPath(relative_name)
+    return (f"binary/{time.strftime('%Y%m%d', stamp)}/{time.strftime('%H', stamp)}/"
+            f"{bounded_name(safe_name(str(rel.parent)))}/"
+            f"{sha256[:16]}-{bounded_name(safe_name(rel.name))}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -170,8 +207,8 @@ def _same_fs(a: Path, b: Path) -> bool:
 
 class Store(Protocol):
     """What the engine does with the shared store, and what it may rely on.
-    ``LocalStore`` (a local path, an NFS or HDFS NFS-gateway mount) is the one
-    implementation today; an HDFS store goes behind the same methods.
+    ``LocalStore`` (a local path, an NFS or HDFS NFS-gateway mount) and
+    ``spot_ingest.hdfs_store.HdfsStore`` (HDFS through WebHDFS) implement it.
 
     * ``mark()`` (master, at start) makes the marker that tells a reachable
       store; ``check_reachable()`` raises ``StoreUnavailable`` without it.
@@ -183,7 +220,10 @@ class Store(Protocol):
       symlinks (``RefusedInput`` otherwise); a missing file is "gone" only
       while the store is reachable. ``fetch()`` makes it readable on this
       host for the time of a ``with`` block: in place for a mounted store,
-      copied to local scratch for a remote one.
+      copied to local scratch for a remote one. ``prefetch()`` makes that
+      copy ahead of time (None: nothing to do, or not possible now), and
+      ``fetch(relative, prefetched=copy)`` takes it over;
+      ``discard_prefetched()`` drops one that no fetch took.
     * ``quarantine()`` moves a checked staged file aside within the store,
       ``refuse()`` keeps a refused announcement as a dead letter; neither
       ever overwrites an earlier item or touches anything outside the store.
@@ -192,28 +232,35 @@ class Store(Protocol):
       and atomically to its final path in ``<area>`` (replacing the output of
       an earlier run of the same input); ``discard_aside()`` drops one,
       ``remove_aside()`` what a killed writer left; ``list()`` names what an
-      area holds. An area is a folder relative to the store root (a table).
+      area holds, ``read()`` one of them whole (small files: summaries).
+      An area is a folder relative to the store root (a table).
     * ``table_root()`` is where Spark keeps a table's streaming checkpoint.
     * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
       killed masters of this host; staged files past retention whose rows are
       in the table (``mark_loaded()``).
     """
 
+    prefetches: bool   # True: prefetch() makes local copies worth making ahead
+
     def mark(self) -> None: ...
     def check_reachable(self) -> None: ...
     def stage(self, source: Path, ptype: str, relative_name: str,
               collected_at: float) -> StagedFile: ...
     def staged_relative(self, location: str, ptype: str) -> str: ...
-    def fetch(self, relative: str) -> contextlib.AbstractContextManager[StagedCopy]: ...
-    def quarantine(self, relative: str, ptype: str, reason: str) -> Path: ...
+    def prefetch(self, relative: str) -> Path | None: ...
+    def discard_prefetched(self, copy: Path) -> None: ...
+    def fetch(self, relative: str, prefetched: Path | None = None
+              ) -> contextlib.AbstractContextManager[StagedCopy]: ...
+    def quarantine(self, relative: str, ptype: str, reason: str) -> Path | str: ...
     def refuse(self, ptype: str, topic: str, partition: int, offset: int, reason: str,
-               record: dict) -> Path: ...
+               record: dict) -> Path | str: ...
     def table_root(self, table: str) -> Path: ...
     def write_aside(self, area: str, name: str) -> BinaryIO: ...
     def make_visible(self, area: str, name: str, final: str) -> None: ...
     def discard_aside(self, area: str, name: str) -> None: ...
     def remove_aside(self, area: str, prefix: str) -> int: ...
     def list(self, area: str, suffix: str = "") -> list[str]: ...
+    def read(self, area: str, relative: str) -> bytes: ...
     def clean_incoming(self, ptype: str) -> int: ...
     def mark_loaded(self, ptype: str, sha256: str) -> None: ...
     def expire_staged(self, ptype: str, older_than_days: float,
@@ -222,6 +269,8 @@ class Store(Protocol):
 
 class LocalStore(Store):
     """The store on a local path or a shared mount (see ``Store``)."""
+
+    prefetches = False
 
     def __init__(self, location: str):
         self.root = local_root(location)
@@ -242,27 +291,7 @@ class LocalStore(Store):
 
     # -- announcements -------------------------------------------------------
     def staged_relative(self, location: str, ptype: str) -> str:
-        """The announced location as a path relative to the store root, checked:
-        under ``<ptype>/binary/``, no ``..``, no odd characters. An absolute path
-        is accepted only inside this store (announcements of older masters)."""
-        if not location or len(location) > MAX_STAGED_PATH or "\x00" in location:
-            raise RefusedInput("staged path is empty, too long or holds a NUL byte")
-        if location.startswith("file://"):
-            location = location[len("file://"):]
-        path = PurePosixPath(location)
-        if path.is_absolute():
-            root = PurePosixPath(str(self.root))
-            if not path.is_relative_to(root):   # lexical: ".." is refused below
-                raise RefusedInput(f"staged path {location!r} is outside the store {self.root}")
-            path = path.relative_to(root)
-        parts = path.parts
-        if len(parts) < 3 or parts[0] != ptype or parts[1] != "binary":
-            raise RefusedInput(f"staged path {location!r} is not under {ptype}/binary/ in the store")
-        for part in parts:
-            if part in (".", "..") or not _STAGED_PART_RE.fullmatch(part):
-                raise RefusedInput(f"staged path {location!r} has a part that no staged file has "
-                                   f"({part!r})")
-        return str(path)
+        return check_staged_location(location, ptype, str(self.root))
 
     def open_staged(self, relative: str) -> int:
         """Open a staged file for reading without following any symlink and
@@ -333,11 +362,7 @@ class LocalStore(Store):
                 dst.flush()
                 os.fsync(dst.fileno())
             sha = digest.hexdigest()
-            stamp = time.gmtime(collected_at)
-            rel = Path(relative_name)
-            final = (self.root / ptype / "binary" / time.strftime("%Y%m%d", stamp)
-                     / time.strftime("%H", stamp) / bounded_name(safe_name(str(rel.parent)))
-                     / f"{sha[:16]}-{bounded_name(safe_name(rel.name))}")
+            final = self.root / ptype / staged_final_name(relative_name, sha, collected_at)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
@@ -405,8 +430,15 @@ class LocalStore(Store):
         """Where a checked staged path (see ``staged_relative``) is on this host."""
         return self.root / relative
 
+    def prefetch(self, relative: str) -> Path | None:
+        """Nothing to do ahead: a mounted store is read in place."""
+        return None
+
+    def discard_prefetched(self, copy: Path) -> None:
+        pass
+
     @contextlib.contextmanager
-    def fetch(self, relative: str) -> Iterator[StagedCopy]:
+    def fetch(self, relative: str, prefetched: Path | None = None) -> Iterator[StagedCopy]:
         """The staged file in place, checked (``open_staged``), with its
         descriptor open for the block."""
         fd = self.open_staged(relative)
@@ -469,8 +501,17 @@ class LocalStore(Store):
         return sorted(str(p.relative_to(base)) for p in base.rglob(f"*{suffix}")
                       if p.is_file() and "_tmp" not in p.relative_to(base).parts)
 
+    def read(self, area: str, relative: str) -> bytes:
+        return (self.root / area / relative).read_bytes()
 
-def open_store(location: str) -> Store:
-    """The store at ``location`` (hdfs_app_path): a local path, a shared
-    mount or a file:// URI."""
-    return LocalStore(location)
+
+@functools.lru_cache(maxsize=8)
+def open_store(location: "StoreLocation | str") -> Store:
+    """The store at ``location`` (``IngestConfig.store``): HDFS when the
+    configuration has an ``hdfs`` section, else a local path, a shared mount
+    or a file:// URI. One per process and location (an HDFS client keeps its
+    connections and its Kerberos login)."""
+    if getattr(location, "hdfs", None) is not None:
+        from .hdfs_store import HdfsStore
+        return HdfsStore(location)
+    return LocalStore(getattr(location, "path", location))

@@ -58,7 +58,7 @@ if __name__ == "__main__" and not __package__:
 
 from . import lines
 from . import pipeline as registry
-from .config import IngestConfig, KafkaConfig, PipelineConfig
+from .config import IngestConfig, KafkaConfig, PipelineConfig, StoreLocation
 from .policy import ExitCode
 from .kafka_security import read_password
 from .logs import printable
@@ -191,7 +191,7 @@ def rows(records, plugin: registry.RecordPipeline):
 
 # -- step 4: the writer -------------------------------------------------------
 
-def writer(ptype: str, store_location: str, prefix: str):
+def writer(ptype: str, location: StoreLocation, prefix: str):
     """The function run by ``mapInArrow`` in each task: the rows of one Kafka
     record are contiguous in a task (no shuffle between source and writer),
     so each record is written when the next one begins, under the record's
@@ -207,7 +207,7 @@ def writer(ptype: str, store_location: str, prefix: str):
         from spot_ingest.warehouse import TableWriter
 
         plugin = registry.load(ptype)
-        store = open_store(store_location)
+        store = open_store(location)
         full, rj_schema = plugin.full_schema, rejects_schema()
         tag = f"{prefix}-{os.getpid()}"
         done: set[tuple] = set()
@@ -538,7 +538,7 @@ def run(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
         log.error("--run-id %r is not a run id (%s)", run_id, lines.RUN_ID_PATTERN)
         return ExitCode.CONFIG
     trigger = float(_setting(cfg, "spark_batch_size") or 5)
-    root = open_store(cfg.hdfs_app_path).table_root(plugin.table)
+    root = open_store(cfg.store).table_root(plugin.table)
     checkpoint = root / "_checkpoints" / pcfg.name
     identity = TopicIdentity(cfg, pcfg.topic, checkpoint)
     stale = identity.stale()
@@ -559,9 +559,10 @@ def run(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
             spark.stop()
 
 
-def process(records, plugin: registry.RecordPipeline, store_location: str, prefix: str) -> list:
+def process(records, plugin: registry.RecordPipeline, store: StoreLocation,
+            prefix: str) -> list:
     """Steps 2 to 5 on one batch of records: the writer's summary rows."""
-    write = writer(plugin.type, store_location, prefix)
+    write = writer(plugin.type, store, prefix)
     return rows(records, plugin).mapInArrow(write, SUMMARY).collect()
 
 
@@ -586,7 +587,7 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
         started = time.monotonic()
         # One pass over the batch: end-of-run markers ride along with the
         # lines to the writer, which reports them back (see writer).
-        summary = process(batch, plugin, cfg.hdfs_app_path, prefix)
+        summary = process(batch, plugin, cfg.store, prefix)
         markers = {int(r.msg_id.split("|")[2]) for r in summary
                    if r.kind == "END" and r.msg_id.startswith(f"END|{run_id}|")} if run_id else set()
         written = [r for r in summary if r.kind == "LINES"]

@@ -29,18 +29,19 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from . import pipeline as registry
 from kafka.errors import KafkaError
 
 from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecurityError,
                   PartitionReader, retry_kafka, security_problem, signature_problem)
-from .config import IngestConfig, PipelineConfig, read_signing_key
+from .config import IngestConfig, PipelineConfig, StoreLocation, read_signing_key
 from .logs import printable
-from .policy import Backoff, ExitCode, process_pool
+from .policy import Backoff, ExitCode, process_pool, until_done
 from .pipeline import BadInputError
 from .store import SHA256_RE, RefusedInput, StagedCopy, Store, open_store
 from .tools import ToolTimeout, time_limit
@@ -59,12 +60,13 @@ class Job:
     announcement: Announcement
     staged: str                 # checked path relative to the store root
     pipeline: PipelineConfig
-    store_location: str
+    store: StoreLocation
     tmp_prefix: str
     topic: str
     partition: int
     offset: int
     attempt: int = 1
+    prefetched: Path | None = None   # a local copy made ahead (remote stores)
 
 
 @dataclass
@@ -122,11 +124,11 @@ class _Hasher(threading.Thread):
 def load_file(job: Job) -> Outcome:
     """Check, convert and load one staged file (runs in a pool process)."""
     plugin = registry.load(job.pipeline.type)
-    store = open_store(job.store_location)
+    store = open_store(job.store)
     started = time.monotonic()
     with contextlib.ExitStack() as held:
         try:
-            staged = held.enter_context(store.fetch(job.staged))
+            staged = held.enter_context(store.fetch(job.staged, job.prefetched))
         except RefusedInput as exc:
             return _refuse(job, store, str(exc), started)
         return _load(job, plugin, store, staged, started)
@@ -206,6 +208,7 @@ class _InFlight:
     announcement: Announcement
     staged: str
     future: Future | None = None
+    prefetch: Future | None = None   # the local copy being made ahead (remote stores)
     backoff: Backoff = field(default_factory=lambda: Backoff(first=2.0, most=MAX_BACKOFF))
     retry_at: float = 0.0
 
@@ -357,8 +360,14 @@ class Worker:
                       "not by workers", self.pcfg.name, self.pcfg.type)
             return ExitCode.CONFIG
         self.plugin.check_tools()
-        store = self.store = open_store(self.cfg.hdfs_app_path)
-        removed = remove_stale_temporaries(store, self.plugin.table, self.tmp_prefix)
+
+        def open_and_clean():
+            self.store = open_store(self.cfg.store)
+            return remove_stale_temporaries(self.store, self.plugin.table, self.tmp_prefix)
+        removed = until_done(open_and_clean, f"open the store {self.cfg.store}",
+                             lambda: self.stopping, log)
+        if removed is None:
+            return ExitCode.OK    # stopped while waiting for the store
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
         self.reader = self._connect()
@@ -376,11 +385,19 @@ class Worker:
         self.committer.confirmed = start if start is not None else -1
         self.committer.start()
         self.pool = self._new_pool()
+        # A remote store's files are copied to scratch by these threads while
+        # the pool converts earlier ones (a mounted store is read in place).
+        self.prefetcher = ThreadPoolExecutor(self.processes, thread_name_prefix="prefetch") \
+            if self.store.prefetches else None
         try:
             while not self._finished():
                 self._step()
         finally:
             self.pool.shutdown(wait=not self.stopping, cancel_futures=True)
+            if self.prefetcher is not None:
+                self.prefetcher.shutdown(wait=True, cancel_futures=True)
+                for item in self.in_flight.values():
+                    self._discard_prefetched(item)
             if not self.committer.close(timeout=10):
                 log.warning("offset %d could not be committed before stopping; the files after "
                             "offset %d will be loaded again (idempotently) at the next start",
@@ -517,9 +534,15 @@ class Worker:
             return
         for offset, item in sorted(self.in_flight.items()):
             if item.future is None and item.retry_at <= now:
-                job = Job(item.announcement, item.staged, self.pcfg, self.cfg.hdfs_app_path,
+                if self.prefetcher is not None:
+                    if item.prefetch is None:
+                        item.prefetch = self.prefetcher.submit(self.store.prefetch, item.staged)
+                    if not item.prefetch.done():
+                        continue
+                job = Job(item.announcement, item.staged, self.pcfg, self.cfg.store,
                           self.tmp_prefix, self.topic, self.worker_id, offset,
-                          item.backoff.attempts + 1)
+                          item.backoff.attempts + 1,
+                          item.prefetch.result() if item.prefetch else None)
                 try:
                     item.future = self.pool.submit(load_file, job)
                 except BrokenProcessPool:
@@ -553,6 +576,7 @@ class Worker:
                             item.backoff.attempts, delay)
                 continue
             del self.in_flight[offset]
+            self._discard_prefetched(item)
             self.counts[outcome.status] += 1
             if outcome.status == "loaded":
                 self.counts["rows"] += outcome.rows
@@ -566,6 +590,14 @@ class Worker:
                 log.error("quarantined %s: %s", printable(ann.original_name), outcome.detail)
         if broken:
             self._restart_pool()
+
+    def _discard_prefetched(self, item: _InFlight) -> None:
+        """Drop a prefetched copy that no conversion took (one that was
+        taken is gone already)."""
+        if item.prefetch is not None and item.prefetch.done() and not item.prefetch.cancelled():
+            copy = item.prefetch.result()
+            if copy is not None:
+                self.store.discard_prefetched(copy)
 
     def _commit(self) -> None:
         # Everything below the oldest unfinished announcement is finished.

@@ -28,6 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from kdc import kdc_fixture, krb5_env_fixture  # noqa: E402,F401  (fixtures kdc, krb5_env)
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 
@@ -151,16 +152,39 @@ def broker():
         b.stop()
 
 
+# The stores that the end-to-end, fault and idempotence tests run against:
+# ``@pytest.mark.parametrize("store", STORES, indirect=True)``.
+STORES = ("local", "hdfs")
+
+
+@pytest.fixture
+def store(request) -> str:
+    """The kind of store of the test's ``env`` / ``make_env``: "local" unless
+    the test is parametrized over ``STORES``."""
+    return getattr(request, "param", "local")
+
+
 class Env:
-    """One isolated ingest installation: config file, collector, store, logs."""
+    """One isolated ingest installation: config file, collector, store, logs.
+
+    With ``store="hdfs"`` the store is on HDFS, served by the WebHDFS stand-in
+    (tests/webhdfs.py: no Hadoop can run here) whose namespace is the local
+    folder ``<root>/hdfs``; ``warehouse`` is where the store's files are seen
+    on disk, so the tests read tables and quarantine alike for both."""
 
     def __init__(self, root: Path, broker, pipeline: str = "flow_test", ptype: str = "flow",
-                 **pipeline_keys):
+                 store: str = "local", **pipeline_keys):
         self.root = root
         self.pipeline = pipeline
         self.collector = root / "collector"
         self.collector.mkdir()
-        self.warehouse = root / "warehouse"
+        self.webhdfs = None
+        if store == "hdfs":
+            from tests.webhdfs import WebHdfsStandIn
+            self.webhdfs = WebHdfsStandIn(root / "hdfs").start()
+            self.warehouse = root / "hdfs" / "warehouse"
+        else:
+            self.warehouse = root / "warehouse"
         self.staging = root / "staging"
         self.logs = root / "logs"
         self.logs.mkdir()
@@ -178,6 +202,9 @@ class Env:
                       "zookeper_server": "", "zookeper_port": "", "message_size": 900000},
             "pipelines": {pipeline: pipe},
         }
+        if self.webhdfs is not None:
+            self.data.update(hdfs_app_path="/warehouse", hdfs={
+                "url": self.webhdfs.url, "user": "spot", "scratch_dir": str(root / "scratch")})
         self.config.write_text(json.dumps(self.data, indent=2))
         self.procs: list[subprocess.Popen] = []
 
@@ -244,6 +271,8 @@ class Env:
                 self.kill(p)
         for p in self.procs:  # pool processes a killed parent left behind
             kill_group(p.pid)
+        if self.webhdfs is not None:
+            self.webhdfs.stop()
 
     def table(self):
         """The table as a pyarrow Table (partition columns included)."""
@@ -257,19 +286,20 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path, broker):
-    e = Env(tmp_path, broker)
+def env(tmp_path, broker, store):
+    e = Env(tmp_path, broker, store=store)
     yield e
     e.stop_all()
 
 
 @pytest.fixture
-def make_env(tmp_path, broker):
+def make_env(tmp_path, broker, store):
     made = []
 
     def make(name: str = "env", **keys) -> Env:
         root = tmp_path / name
         root.mkdir()
+        keys.setdefault("store", store)
         e = Env(root, broker, **keys)
         made.append(e)
         return e

@@ -114,10 +114,69 @@ def test_collector_path_that_does_not_exist(tmp_path):
                  str(tmp_path / "nope"))
 
 
-def test_store_scheme_not_supported_yet(tmp_path):
+def test_hdfs_uri_without_an_hdfs_section_says_what_to_add(tmp_path):
     data = original_file(tmp_path)
     data["hdfs_app_path"] = "hdfs://namenode:8020/user/spot"
-    expect_error(tmp_path, data, "hdfs_app_path", "only local paths")
+    expect_error(tmp_path, data, "hdfs_app_path", "no \"hdfs\" section", "Running on Hadoop")
+
+
+def test_hdfs_home_without_an_hdfs_section_is_not_written_locally(tmp_path):
+    data = original_file(tmp_path)
+    data["hdfs_app_path"] = "/user/spot-test-absent"
+    expect_error(tmp_path, data, "hdfs_app_path", "looks like an HDFS home directory",
+                 "no such local directory")
+    assert not Path("/user/spot-test-absent").exists()
+
+
+def test_hdfs_section_makes_hdfs_app_path_an_hdfs_path(tmp_path):
+    data = original_file(tmp_path)
+    data["hdfs_app_path"] = "/user/spot"
+    data["hdfs"] = {"url": ["http://nn1:9870", "http://nn2:9870/"], "user": "spot",
+                    "timeout": "30", "scratch_dir": "scratch"}
+    cfg = load(write(tmp_path, data))
+    assert cfg.hdfs_app_path == "/user/spot"
+    assert cfg.hdfs.url == "http://nn1:9870;http://nn2:9870"
+    assert cfg.hdfs.timeout == 30.0 and cfg.hdfs.user == "spot"
+    assert cfg.hdfs.scratch_dir == tmp_path / "scratch"
+    assert str(cfg.store) == "http://nn1:9870;http://nn2:9870 /user/spot"
+    data["hdfs_app_path"] = "hdfs://namenode:8020/user/spot/"
+    assert load(write(tmp_path, data)).hdfs_app_path == "/user/spot"
+    data["hdfs_app_path"] = "spot"
+    data["hdfs"]["root"] = "/user"
+    assert load(write(tmp_path, data)).hdfs_app_path == "/user/spot"
+
+
+@pytest.mark.parametrize("hdfs, key, fragment", [
+    ({"url": "namenode:9870"}, "hdfs.url", "is not http(s)://host:port"),
+    ({"url": "http://nn:9870/webhdfs/v1"}, "hdfs.url", "without a path"),
+    ({"url": 9870}, "hdfs.url", "expected the WebHDFS URL"),
+    ({"url": "http://nn:9870", "tiemout": 3}, "hdfs.tiemout", "unknown key"),
+    ({"url": "http://nn:9870", "timeout": 0}, "hdfs.timeout", "a positive number"),
+    ({"url": "http://nn:9870", "verify": "/absent/ca.pem"}, "hdfs.verify", "not a readable file"),
+    ({"url": "http://nn:9870", "verify": 1}, "hdfs.verify", "true, false or a CA bundle"),
+    ({"url": "http://nn:9870", "root": "user"}, "hdfs.root", "not an absolute HDFS path"),
+    ({"url": "http://nn:9870", "kerberos": {"principal": "spot", "keytab": "k"}},
+     "hdfs.kerberos.principal", "spot@EXAMPLE.COM"),
+    ({"url": "http://nn:9870", "kerberos": {"principal": "spot@R", "keytab": "/absent.keytab"}},
+     "hdfs.kerberos.keytab", "not a readable file"),
+    ({"url": "http://nn:9870", "kerberos": {"principal": "spot@R", "keytab": "/etc/hostname",
+                                            "mutual_auth": "maybe"}},
+     "hdfs.kerberos.mutual_auth", "not one of REQUIRED"),
+    ({"url": "http://nn:9870", "user": "spot",
+      "kerberos": {"principal": "spot@R", "keytab": "/etc/hostname"}}, "hdfs.user", "not both"),
+])
+def test_hdfs_section_mistakes_are_one_line_each(tmp_path, hdfs, key, fragment):
+    data = original_file(tmp_path)
+    data["hdfs"] = hdfs
+    message = expect_error(tmp_path, data, key, fragment)
+    assert "\n" not in message
+
+
+def test_hdfs_app_path_with_dot_dot_is_refused(tmp_path):
+    data = original_file(tmp_path)
+    data["hdfs"] = {"url": "http://nn:9870"}
+    data["hdfs_app_path"] = "/user/../etc"
+    expect_error(tmp_path, data, "hdfs_app_path", "without . or ..")
 
 
 def test_invalid_json(tmp_path):

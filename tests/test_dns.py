@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import REPO
+from conftest import REPO, STORES
 from reference import dns_reference_rows, dns_table_rows
 from spot_ingest.pipelines.dns import DNS
 from spot_ingest.pipelines.dns.sample import make_dns_capture
@@ -132,6 +132,7 @@ def dns_config(tmp_path, pkt_num=650000, process_opt="") -> PipelineConfig:
                           1.0, None, True, DNS.parse_options(raw, lambda k, p: ValueError(p)))
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
     env = make_env("dns", pipeline="dns_test", ptype="dns", pkt_num=100,
                    supported_files=[".pcap"], worker_processes=1)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
-from conftest import REPO, wait_for
+from conftest import REPO, STORES, wait_for
 from reference import flow_reference_rows, flow_table_rows
 from spot_ingest.pipelines.flow.sample import make_nfcapd_file
 from spot_ingest.bus import Announcement, Announcer, PartitionReader, ensure_topic
@@ -29,6 +30,7 @@ def drop(env, src: Path, relative: str) -> Path:
     return dest
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_once_run_loads_exactly_the_files(env, nfcapd_files):
     files = nfcapd_files[:3]
     drop(env, files[0], files[0].name)
@@ -68,6 +70,11 @@ def test_once_run_loads_exactly_the_files(env, nfcapd_files):
     staged = list((env.warehouse / "flow" / "binary").rglob("*nfcapd.*"))
     assert len(staged) == 3
     assert all(len(p.relative_to(env.warehouse / "flow" / "binary").parts[0]) == 8 for p in staged)
+    # Nothing left aside: no table temporaries, no partial copies, no scratch.
+    assert not [p for p in env.warehouse.rglob("*") if p.is_file() and
+                ("_tmp" in p.parts or "_incoming" in p.parts)]
+    assert not [p for p in (env.root / "scratch").rglob("*") if p.is_file()
+                and "kerberos" not in p.parts]
 
 
 def test_live_ingest_and_a_file_still_being_written(env, nfcapd_files):
@@ -110,6 +117,7 @@ def test_files_present_before_the_master_starts(env, nfcapd_files):
     assert "2 file(s) found at start" in env.log("master.log")
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(env, tmp_path, broker):
     files = [make_nfcapd_file(tmp_path / "src" / f"nfcapd.2026112112{i:02d}", 40_000, seed=500 + i)
              for i in range(6)]
@@ -140,6 +148,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(env, tmp_pa
     assert master.poll() is None
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_same_file_announced_twice_yields_rows_once(env, nfcapd_files, broker):
     drop(env, nfcapd_files[3], nfcapd_files[3].name)
     env.worker(0)
@@ -151,7 +160,8 @@ def test_same_file_announced_twice_yields_rows_once(env, nfcapd_files, broker):
     sha = hashlib.sha256(staged.read_bytes()).hexdigest()
     kafka = KafkaConfig(*broker)
     announcer = Announcer(kafka, env.topic, 1, env.pipeline)
-    ann = Announcement(env.pipeline, "flow", str(staged), staged.stat().st_size, sha,
+    ann = Announcement(env.pipeline, "flow", str(staged.relative_to(env.warehouse)),
+                       staged.stat().st_size, sha,
                        "again/" + staged.name, int(time.time() * 1000), "test")
     _, offset = announcer.announce(ann, partition=0)
     announcer.close()

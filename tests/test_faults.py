@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Env, wait_for
+from conftest import STORES, Env, wait_for
 from reference import (dns_reference_rows, dns_table_rows, flow_reference_rows,
                        flow_table_rows)
 from spot_ingest.pipelines.flow.sample import make_nfcapd_file
@@ -67,6 +67,7 @@ def flow_sources(tmp_path_factory):
             for i in range(12)]
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_worker_killed_ten_times_loses_and_doubles_nothing(env, flow_sources):
     for f in flow_sources:
         drop(env, f)
@@ -93,6 +94,7 @@ def test_worker_killed_ten_times_loses_and_doubles_nothing(env, flow_sources):
     assert kills == 10
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_master_killed_while_staging_and_while_announcing(make_env, tmp_path, broker):
     env = make_env("m", settle_seconds=0.2)
     big = [make_nfcapd_file(tmp_path / f"nfcapd.20261121140{i}", 400_000, seed=70 + i)
@@ -196,6 +198,7 @@ def test_full_disk_under_the_warehouse(make_env, flow_sources):
         subprocess.run(["umount", "-l", str(table_dir)], capture_output=True)
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_dns_worker_killed_ten_times_loses_and_doubles_nothing(make_env, tmp_path):
     from spot_ingest.pipelines.dns.sample import make_dns_capture
     env = make_env("dns", pipeline="dns_faults", ptype="dns", pkt_num=400,

@@ -13,7 +13,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import REPO, wait_for
+import pytest
+
+from conftest import REPO, STORES, wait_for
 from reference import proxy_key, proxy_reference_rows, proxy_rejects, proxy_table_rows
 from spot_ingest import lines as line_protocol
 from spot_ingest.lines import Message, SetAside
@@ -89,6 +91,7 @@ def make_logs(collector: Path, tmp_path: Path) -> tuple[list[dict], dict]:
     return expected, rejects
 
 
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path):
     env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
     env.data["spark-streaming"] = {"spark_batch_size": "2"}
