@@ -88,6 +88,13 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
     """The pool of the master's staging and the workers' conversions:
     forkserver processes (no inherited threads or Kafka clients) that ignore
     Ctrl-C and log like their parent."""
+    # The pool's queues are named semaphores in /dev/shm, each registered with
+    # multiprocessing's resource tracker, which removes them if this process
+    # is killed. The first registration starts the tracker (a new Python
+    # process, tens of milliseconds); a SIGKILL in that window left a name
+    # that nothing removes. Started first, the window is one pipe write.
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
     return ProcessPoolExecutor(max_workers=processes,
                                mp_context=multiprocessing.get_context("forkserver"),
                                initializer=_init_pool_process,

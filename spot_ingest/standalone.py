@@ -131,6 +131,7 @@ def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
             section[key] = str(root / "staging" / key)
     raw.update(hdfs_app_path=str(root / "warehouse"), log_dir=str(root / "logs"),
                pipelines={pipeline: section})
+    raw.pop("hdfs", None)   # a demo's store is its own local folder
     (root / "collector").mkdir()
     path = root / "ingest_conf.json"
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

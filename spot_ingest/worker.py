@@ -336,6 +336,7 @@ class Worker:
         self.stopping = False
         self.in_flight: dict[int, _InFlight] = {}
         self.highest_seen = -1
+        self.unrecorded: int | None = None   # a refused record the store could not keep
         self.end_of_run_offset: int | None = None
         self.counts = {"loaded": 0, "quarantined": 0, "refused": 0, "rows": 0}
         self.last_heard = time.monotonic()
@@ -523,7 +524,15 @@ class Worker:
         self.in_flight[record.offset] = _InFlight(ann, staged)
 
     def _refused(self, offset: int, reason: str, record: dict) -> None:
-        where = self.store.refuse(self.pcfg.type, self.topic, self.worker_id, offset, reason, record)
+        if self.unrecorded is not None:   # stopping: an earlier one could not be kept
+            return
+        where = until_done(lambda: self.store.refuse(self.pcfg.type, self.topic, self.worker_id,
+                                                     offset, reason, record),
+                           f"keep the refused record at offset {offset} in {self.cfg.store}",
+                           lambda: self.stopping, log)
+        if where is None:   # stopped while the store was away: read it again next time
+            self.unrecorded = offset
+            return
         self.counts["refused"] += 1
         log.error("refused offset %d of %s: %s (kept as %s; offset committed, nothing moved)",
                   offset, self.topic, reason, where)
@@ -602,6 +611,8 @@ class Worker:
     def _commit(self) -> None:
         # Everything below the oldest unfinished announcement is finished.
         position = min(self.in_flight) if self.in_flight else self.highest_seen + 1
+        if self.unrecorded is not None:   # a refusal not kept yet is not finished
+            position = min(position, self.unrecorded)
         if position > 0:
             self.committer.advance(position)
 

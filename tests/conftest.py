@@ -72,8 +72,20 @@ def _reap_zombies() -> None:
             pass
 
 
+# Which test was running when each leftover-pattern file first appeared, so
+# that a leak reported at the end of the session names its test.
+_FIRST_SEEN: dict[str, str] = {}
+
+
+def _note_new_files(test: str) -> None:
+    import glob
+    for folder, pattern in LEAK_PATTERNS:
+        for f in glob.glob(f"{folder}/{pattern}"):
+            _FIRST_SEEN.setdefault(f, test)
+
+
 @pytest.fixture(autouse=True)
-def _no_process_left_behind():
+def _no_process_left_behind(request):
     """Stop whatever the test started and did not stop: SIGTERM, then SIGKILL.
     Multiprocessing's resource trackers go last, on their own: each removes
     the named semaphores of its (killed) owner once every process that held
@@ -96,6 +108,7 @@ def _no_process_left_behind():
     _, stuck = psutil.wait_procs(trackers, timeout=30)
     _kill(stuck)
     _reap_zombies()
+    _note_new_files(request.node.nodeid)
 
 
 def _kill(procs) -> None:
@@ -122,7 +135,9 @@ def pytest_sessionfinish(session, exitstatus):
               if os.path.getmtime(f) >= SESSION_STARTED]
     if leaked:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"FAILED: the tests left {len(leaked)} file(s) behind: {', '.join(sorted(leaked)[:10])}",
+            f"FAILED: the tests left {len(leaked)} file(s) behind: "
+            + ", ".join(f"{f} (first seen after {_FIRST_SEEN.get(f, 'the last test')})"
+                        for f in sorted(leaked)[:10]),
             red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -76,6 +76,16 @@ def test_once_run_loads_exactly_the_files(env, nfcapd_files):
     assert not [p for p in (env.root / "scratch").rglob("*") if p.is_file()
                 and "kerberos" not in p.parts]
 
+    # The same captures collected again: a second run replaces, never doubles.
+    files_before = sorted(env.hive.rglob("*.parquet"))
+    drop(env, files[0], files[0].name)
+    drop(env, files[2], f"router2/{files[2].name}")
+    again = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
+                            "-c", str(env.config)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert flow_table_rows(env.table()) == expected
+    assert sorted(env.hive.rglob("*.parquet")) == files_before
+
 
 def test_live_ingest_and_a_file_still_being_written(env, nfcapd_files):
     workers = [env.worker(0), env.worker(1)]

@@ -220,3 +220,33 @@ def test_dns_worker_killed_ten_times_loses_and_doubles_nothing(make_env, tmp_pat
     reader.join()
     assert dns_table_rows(env.table()) == expected
     assert not reader.problems, reader.problems[:5]
+
+
+def test_unreachable_namenode_is_waited_for_by_master_and_worker(make_env, flow_sources):
+    """HDFS (the WebHDFS stand-in) stops answering twice: while the worker
+    has announced files to load, and while the master has files to stage.
+    Both wait, saying so with the namenode's URL, and nothing is lost."""
+    env = make_env("nn", store="hdfs", settle_seconds=0.2)
+    first, second = flow_sources[:3], flow_sources[3:5]
+    for f in first:
+        drop(env, f)
+    env.master(1)
+    wait_for(lambda: not [p for p in env.collector.iterdir() if not p.name.startswith(".")],
+             120, "the first files staged and announced")
+    env.webhdfs.pause()
+    try:
+        env.worker(0)
+        wait_for(lambda: "is not reachable" in env.log("worker-0.log"), 120,
+                 "the worker to find the namenode gone")
+        for f in second:
+            drop(env, f)
+        wait_for(lambda: "is not reachable" in env.log("master.log"), 120,
+                 "the master to find the namenode gone")
+    finally:
+        env.webhdfs.resume()
+    assert env.webhdfs.url in env.log("worker-0.log") and env.webhdfs.url in env.log("master.log")
+    assert env.row_count() == 0
+    expected = flow_reference_rows(first + second)
+    wait_for(lambda: env.row_count() == len(expected), 240, "every file after the outage")
+    assert flow_table_rows(env.table()) == expected
+    assert len(list(env.hive.rglob("*.parquet"))) == len(first + second)

@@ -254,3 +254,30 @@ def test_unreadable_file_under_a_forged_checksum_is_refused_not_moved(setup):
     assert code == 3 and worker.counts == {"loaded": 0, "quarantined": 0, "refused": 1, "rows": 0}
     assert not (store.root / "fake" / "quarantine").exists()
     assert len(list((store.root / "fake" / "binary").rglob("*broken"))) == 1, "left in place"
+
+
+def test_a_refusal_the_store_cannot_keep_is_never_committed_past(setup, monkeypatch):
+    """The store is away (HDFS down) when a bad record must be kept as a dead
+    letter, and the worker is told to stop: the record is read again at the
+    next start, not committed over and lost."""
+    from spot_ingest.store import StoreUnavailable
+    cfg, store, tmp = setup
+    part = FakePartition()
+    good = announce(part, store, tmp, "f0", "rows 3")
+    bad = part.add(b"not an announcement")
+    part.add(b"not one either")
+    worker = InProcessWorker(cfg, part, "run1")
+    worker.store = store
+
+    def away(*args, **kwargs):
+        worker.stopping = True     # a stop arrives while the store is away
+        raise StoreUnavailable("the store is not reachable", 0.01)
+    monkeypatch.setattr(store, "refuse", away)
+    advanced = []
+    worker.committer = type("C", (), {"advance": lambda self, p: advanced.append(p)})()
+    for record in part.records:
+        worker._accept(record)
+    worker.in_flight.pop(good)     # as if loaded
+    worker._commit()
+    assert advanced == [bad], "committed up to the refused record, not past it"
+    assert worker.counts["refused"] == 0
