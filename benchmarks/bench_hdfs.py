@@ -1,6 +1,7 @@
 """HDFS benchmark: what staging and loading through WebHDFS cost against local disk.
 
     python -m benchmarks.bench_hdfs [--workdir DIR] [--flows 1000000] [--runs 3]
+                                    [--datanode-mbit 1000]
 
 No Hadoop runs here: the HDFS side is the WebHDFS stand-in of the tests
 (tests/webhdfs.py), started as a process of its own, namenode and datanode on
@@ -15,9 +16,10 @@ Part 1, one nfcapd file of 1,000,000 flows (made by a real nfcapd):
   (b) one worker's load of it (check, copy to scratch, convert with nfdump,
       write Parquet, make visible), in a fresh process: local, and HDFS.
 Part 2, 8 files of 250,000 flows through a real worker (2 processes) reading
-  a real broker, local and HDFS: whether the copy of the next file to
-  scratch (made while the current one converts) keeps HDFS off the
-  critical path.
+  a real broker: local, HDFS, and HDFS without the worker's prefetching
+  (whether copying the next files to scratch while converting keeps HDFS
+  off the critical path). ``--datanode-mbit`` holds each datanode transfer
+  to a link's speed (loopback is far faster than a cluster's network).
 
 Medians of ``--runs`` runs; figures and the HDFS/local ratio are printed,
 nothing is asserted (shared machines are noisy).
@@ -66,12 +68,13 @@ print(json.dumps({{"rows": out.rows, "status": out.status, "detail": out.detail,
 class StandIn:
     """The WebHDFS stand-in as a separate process."""
 
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
+    def __init__(self, data_dir: Path, mbit: float | None):
+        self.data_dir, self.mbit = data_dir, mbit
 
     def __enter__(self) -> "StandIn":
+        rate = ["--datanode-mbit", str(self.mbit)] if self.mbit else []
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "webhdfs.py"),
-                                      "--data-dir", str(self.data_dir)],
+                                      "--data-dir", str(self.data_dir), *rate],
                                      stdout=subprocess.PIPE, text=True)
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("http://"):
@@ -129,18 +132,29 @@ def part2(workdir: Path, url: str, files: int, flows: int, runs: int) -> None:
     srcs = [ensure_file(workdir / f"nfcapd.bench{flows}.{i}", flows, seed=20 + i)
             for i in range(files)]
     print(f"\n== Part 2: {files} files of {flows} flows, one worker (2 processes), real broker")
-    walls = {"local": [], "hdfs": []}
+    walls = {"local": [], "hdfs": [], "hdfs, no prefetch": []}
     with EmbeddedBroker() as broker:
         for i in range(runs):
-            for kind, location in locations(workdir, url, f"p2-{i}-{uuid.uuid4().hex[:6]}").items():
-                walls[kind].append(run_worker(workdir, broker.bootstrap, srcs, location))
-    local, hdfs = statistics.median(walls["local"]), statistics.median(walls["hdfs"])
-    print(f"worker wall, {files * flows:,} flows   local {local:6.2f} s   HDFS {hdfs:6.2f} s   "
-          f"HDFS/local {hdfs / local:.2f}")
-    print(f"{'':34s} runs: local {_fmt(walls['local'])}; HDFS {_fmt(walls['hdfs'])}")
+            where = locations(workdir, url, f"p2-{i}-{uuid.uuid4().hex[:6]}")
+            for kind in walls:
+                walls[kind].append(run_worker(workdir, broker.bootstrap, srcs,
+                                              where[kind.split(",")[0]],
+                                              prefetch=kind != "hdfs, no prefetch"))
+    local = statistics.median(walls["local"])
+    for kind, figures in walls.items():
+        wall = statistics.median(figures)
+        print(f"worker wall, {kind:18s} {wall:6.2f} s   /local {wall / local:.2f}   "
+              f"runs: {_fmt(figures)}")
 
 
-def run_worker(workdir: Path, bootstrap: str, srcs, location: StoreLocation) -> float:
+# The worker, optionally with its prefetching turned off (for comparison only).
+RUN_WORKER = ("import sys; from spot_ingest.hdfs_store import HdfsStore; "
+              "HdfsStore.prefetches = sys.argv.pop(1) == 'prefetch'; "
+              "from spot_ingest.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_worker(workdir: Path, bootstrap: str, srcs, location: StoreLocation,
+               prefetch: bool = True) -> float:
     run = uuid.uuid4().hex[:8]
     root = workdir / f"part2-{run}"
     (root / "collector").mkdir(parents=True)
@@ -169,7 +183,8 @@ def run_worker(workdir: Path, bootstrap: str, srcs, location: StoreLocation) -> 
     announcer.close()
     with open(root / "worker.log", "w") as log:
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "spot_ingest.cli", "worker", "-t", "bench",
+        proc = subprocess.run([sys.executable, "-c", RUN_WORKER,
+                               "prefetch" if prefetch else "none", "worker", "-t", "bench",
                                "-i", "0", "-c", str(conf), "--run-id", run], stdout=log,
                               stderr=subprocess.STDOUT, cwd=REPO)
         wall = time.perf_counter() - started
@@ -186,12 +201,15 @@ def main() -> None:
     parser.add_argument("--file-flows", type=int, default=250_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-part2", action="store_true")
+    parser.add_argument("--datanode-mbit", type=float, default=None,
+                        help="hold each datanode transfer to this speed (default: loopback)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     hdfs_dir = args.workdir / "hdfs"
     shutil.rmtree(hdfs_dir, ignore_errors=True)
-    with StandIn(hdfs_dir) as standin:
-        print(f"WebHDFS stand-in at {standin.url} (data in {hdfs_dir})")
+    with StandIn(hdfs_dir, args.datanode_mbit) as standin:
+        print(f"WebHDFS stand-in at {standin.url} (data in {hdfs_dir}), datanode transfers at "
+              f"{f'{args.datanode_mbit:g} Mbit/s' if args.datanode_mbit else 'loopback speed'}")
         part1(args.workdir, standin.url, args.flows, args.runs)
         if not args.skip_part2:
             part2(args.workdir, standin.url, args.files, args.file_flows, args.runs)

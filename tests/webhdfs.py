@@ -845,8 +845,10 @@ class _DatanodeHandler(_Handler):
             partial = ns.begin_create(path, ticket["overwrite"], ticket["user"], nonce)
         failure = None
         try:
+            pace = _Pace(self.server.standin.datanode_rate)
             with open(partial, "ab") as out:
                 for data in self._body():
+                    pace.sent(len(data))
                     if failure is None:
                         try:
                             out.write(data)
@@ -894,12 +896,33 @@ class _DatanodeHandler(_Handler):
             self.send_header("Content-Length", str(count))
             self.send_header("Connection", "close")
             self.end_headers()
+            pace = _Pace(self.server.standin.datanode_rate)
             while count > 0:
                 data = handle.read(min(count, COPY_CHUNK))
                 if not data:   # truncated meanwhile: the client sees a short body
                     break
                 self.wfile.write(data)
                 count -= len(data)
+                pace.sent(len(data))
+
+
+class _Pace:
+    """Holds one transfer to ``rate`` bytes per second (None: no limit), to
+    stand for a network link slower than loopback (benchmarks)."""
+
+    def __init__(self, rate: float | None):
+        self.rate, self.bytes, self.started = rate, 0, None
+
+    def sent(self, n: int) -> None:
+        if not self.rate:
+            return
+        import time
+        if self.started is None:
+            self.started = time.monotonic()
+        self.bytes += n
+        ahead = self.bytes / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)   # pacing a transfer, not waiting for an event
 
 
 def _unlink(path: str) -> None:
@@ -979,7 +1002,7 @@ class WebHdfsStandIn:
 
     def __init__(self, data_dir: Path, *, negotiate: Callable[[str], "str | None"] | None = None,
                  default_user: str = "dr.who", port: int = 0, datanode_port: int = 0,
-                 verbose: bool = False):
+                 verbose: bool = False, datanode_rate: float | None = None):
         """``negotiate(token_b64)`` returns the user name, or None to refuse;
         it may also return a ``(user, reply_token_b64)`` pair, and the reply
         is then sent as "WWW-Authenticate: Negotiate <reply>" on the
@@ -987,6 +1010,8 @@ class WebHdfsStandIn:
         self.data_dir = Path(data_dir)
         self.default_user = default_user
         self.verbose = verbose
+        # Bytes per second of each datanode transfer (None: as fast as loopback).
+        self.datanode_rate = datanode_rate
         self.url: str | None = None
         self.datanode_url: str | None = None
         self.port = port
@@ -1151,13 +1176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-user", default="dr.who",
                         help="user of requests without user.name (default: dr.who)")
     parser.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    parser.add_argument("--datanode-mbit", type=float, default=None,
+                        help="hold each datanode transfer to this many Mbit/s (benchmarks)")
     args = parser.parse_args(argv)
     # Block the signals before any thread starts (threads inherit the mask),
     # then wait for one synchronously: no handler runs inside a lock.
     signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     standin = WebHdfsStandIn(args.data_dir, default_user=args.default_user, port=args.port,
-                             datanode_port=args.datanode_port, verbose=args.verbose).start()
+                             datanode_port=args.datanode_port, verbose=args.verbose,
+                             datanode_rate=args.datanode_mbit * 125_000 if args.datanode_mbit
+                             else None).start()
     try:
         print(standin.url, flush=True)
         signal.sigwait(signals)
