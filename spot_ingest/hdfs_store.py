@@ -109,12 +109,14 @@ class HdfsStore:
     def _call(self, what: str, path: str, fn, *args, **kwargs):
         """One HdfsCLI call, its failures turned into the store's errors."""
         import requests
+        import urllib3
         from hdfs.util import HdfsError
         if self.login is not None:
             self.login.ensure()
         try:
             return fn(*args, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        # urllib3's errors: a connection that breaks in the middle of a body.
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
             raise StoreUnavailable(f"HDFS at {self.hdfs.url} is not reachable ({what} {path}): "
                                    f"{type(exc).__name__}") from None
         except HdfsError as exc:
