@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -63,6 +64,22 @@ def _pid_alive(pid: int) -> bool:
     return psutil.pid_exists(pid)
 
 
+def _session():
+    """A requests session in which ``hdfs.verify`` (a CA bundle, or false)
+    wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE: requests lets those
+    replace a session's own setting, so a configured CA was silently
+    ignored where they are set (they are, on this Debian)."""
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if self.verify is not True:
+                settings["verify"] = self.verify
+            return settings
+    return Session()
+
+
 class HdfsStore:
     """The store under ``hdfs_app_path`` on HDFS (see ``spot_ingest.store.Store``)."""
 
@@ -83,8 +100,7 @@ class HdfsStore:
         return f"HdfsStore({self.where(self.root)})"
 
     def _client(self):
-        import requests
-        session = requests.Session()
+        session = _session()
         session.verify = self.hdfs.verify
         if self.hdfs.kerberos is not None:
             from hdfs.ext.kerberos import KerberosClient
@@ -115,6 +131,11 @@ class HdfsStore:
             self.login.ensure()
         try:
             return fn(*args, **kwargs)
+        except requests.exceptions.SSLError as exc:   # will not fix itself: say what to check
+            found = re.search(r"certificate verify failed: ([^('\"]+)", str(exc))
+            raise StoreError(f"TLS with HDFS at {self.hdfs.url} failed ({what} {path}): "
+                             f"{found.group(1).strip() if found else type(exc).__name__}; "
+                             f"check hdfs.verify (now {self.hdfs.verify})") from None
         # urllib3's errors: a connection that breaks in the middle of a body.
         except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
             raise StoreUnavailable(f"HDFS at {self.hdfs.url} is not reachable ({what} {path}): "

@@ -167,6 +167,53 @@ def test_unreachable_namenode_is_store_unavailable_naming_the_url(webhdfs, tmp_p
     store.check_reachable()
 
 
+def test_ha_pair_the_store_follows_the_active_namenode(tmp_path):
+    """Two namenodes over one namespace, one standby (403 StandbyException):
+    requests go to the active one, before and after a failover; with both
+    in standby the store waits (StoreUnavailable), naming the namenodes."""
+    with WebHdfsStandIn(tmp_path / "hdfs") as first, WebHdfsStandIn(tmp_path / "hdfs") as second:
+        second.standby = True
+        cfg = HdfsConfig(urls=(second.url, first.url), user="spot", timeout=10,
+                         scratch_dir=tmp_path / "scratch")
+        store = HdfsStore(StoreLocation("/user/spot", cfg))
+        store.mark()
+        src = capture(tmp_path)
+        staged = store.stage(src, "flow", src.name, 1_795_000_000)
+        first.standby, second.standby = True, False     # failover
+        with store.fetch(staged.location) as copy:
+            assert copy.path.read_bytes() == src.read_bytes()
+        assert any(r[2] == "OPEN" for r in second.requests)
+        second.standby = True
+        with pytest.raises(StoreUnavailable, match="StandbyException"):
+            store.check_reachable()
+
+
+def test_https_namenode_and_datanode_with_the_configured_ca(tmp_path, pki):
+    """swebhdfs: both the namenode and the datanode it redirects to speak
+    TLS; the store trusts the CA of ``hdfs.verify``, and a CA that did not
+    sign the certificate is one clear error naming the key to check."""
+    import ssl
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki / "server.pem", pki / "server.key")
+    with WebHdfsStandIn(tmp_path / "hdfs", tls=tls) as server:
+        assert server.url.startswith("https://") and server.datanode_url.startswith("https://")
+        cfg = HdfsConfig(urls=(server.url,), user="spot", timeout=10, verify=str(pki / "ca.pem"),
+                         scratch_dir=tmp_path / "scratch")
+        store = HdfsStore(StoreLocation("/user/spot", cfg))
+        store.mark()
+        src = capture(tmp_path)
+        staged = store.stage(src, "flow", src.name, 1_795_000_000)
+        with store.fetch(staged.location) as copy:
+            assert copy.path.read_bytes() == src.read_bytes()
+        other = HdfsConfig(urls=(server.url,), user="spot", timeout=10,
+                           verify=str(pki / "other.pem"), scratch_dir=tmp_path / "scratch2")
+        with pytest.raises(StoreError, match="certificate verify failed|unable to get local "
+                                             "issuer|check hdfs.verify") as info:
+            HdfsStore(StoreLocation("/user/spot", other)).check_reachable()
+        assert "hdfs.verify" in str(info.value) and server.url in str(info.value)
+        assert "\n" not in str(info.value)
+
+
 def test_scratch_limit_is_a_retry_later_not_a_failure(webhdfs, tmp_path):
     store = hdfs_store(webhdfs, tmp_path, scratch_max_bytes=100_000)
     src = capture(tmp_path, size=300_000)

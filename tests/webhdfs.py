@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import stat
 import sys
 import threading
@@ -49,6 +50,7 @@ EXCEPTIONS = {
     "IllegalArgumentException": (400, "java.lang.IllegalArgumentException"),
     "UnsupportedOperationException": (400, "java.lang.UnsupportedOperationException"),
     "SecurityException": (401, "java.lang.SecurityException"),
+    "StandbyException": (403, "org.apache.hadoop.ipc.StandbyException"),
     "AccessControlException": (403, "org.apache.hadoop.security.AccessControlException"),
     "AuthenticationException": (
         403, "org.apache.hadoop.security.authentication.client.AuthenticationException"),
@@ -509,6 +511,8 @@ class _Server(http.server.ThreadingHTTPServer):
         # HTTPServer.server_bind resolves the host name (getfqdn): skip it.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+        if self.standin.tls is not None:   # https: every accepted connection is TLS
+            self.socket = self.standin.tls.wrap_socket(self.socket, server_side=True)
 
     def close_connections(self) -> None:
         """Cut every open connection (keep-alive ones included): their
@@ -680,6 +684,9 @@ class _NamenodeHandler(_Handler):
             return
         standin._log(standin.requests, Request(method, path, op, query, user))
         try:
+            if standin.standby:   # the standby namenode of an HA pair refuses every operation
+                raise RemoteError("StandbyException", f"Operation category {op or 'READ'} is "
+                                                      f"not supported in state standby")
             if path_error is not None:
                 raise path_error
             self._operation(method, op, path, query, user, auth_headers)
@@ -984,8 +991,11 @@ class WebHdfsStandIn:
       proxy-user authorisation of ``doas``, no umask;
     * security beyond the Negotiate header's presence and the callable's
       verdict: no delegation tokens (the datanode trusts the namenode's
-      one-time nonce instead), no hadoop.auth cookie, no SSL, no CSRF header;
-    * HA (one namenode; no StandbyException/RetriableException), safe mode,
+      one-time nonce instead), no hadoop.auth cookie, no CSRF header; TLS
+      (``tls``) only as a server certificate, no client certificates;
+    * HA beyond ``standby`` (two stand-ins over one ``data_dir``, one with
+      ``standby = True``, answer as an HA pair's namenodes; no failover
+      controller, no RetriableException), safe mode,
       trash policy, the namenode's atime precision, inode ids (``fileId`` is
       the local inode number).
 
@@ -1002,7 +1012,8 @@ class WebHdfsStandIn:
 
     def __init__(self, data_dir: Path, *, negotiate: Callable[[str], "str | None"] | None = None,
                  default_user: str = "dr.who", port: int = 0, datanode_port: int = 0,
-                 verbose: bool = False, datanode_rate: float | None = None):
+                 verbose: bool = False, datanode_rate: float | None = None,
+                 tls: "ssl.SSLContext | None" = None):
         """``negotiate(token_b64)`` returns the user name, or None to refuse;
         it may also return a ``(user, reply_token_b64)`` pair, and the reply
         is then sent as "WWW-Authenticate: Negotiate <reply>" on the
@@ -1012,6 +1023,11 @@ class WebHdfsStandIn:
         self.verbose = verbose
         # Bytes per second of each datanode transfer (None: as fast as loopback).
         self.datanode_rate = datanode_rate
+        # A server-side SSLContext: both ports speak https (swebhdfs).
+        self.tls = tls
+        # True: answer as the standby of an HA pair (403 StandbyException).
+        # Two stand-ins over one data_dir make a pair; flip it to fail over.
+        self.standby = False
         self.url: str | None = None
         self.datanode_url: str | None = None
         self.port = port
@@ -1051,7 +1067,8 @@ class WebHdfsStandIn:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._dn = self._serve(_DatanodeHandler, self.datanode_port)
             self.datanode_port = self._dn[0].server_address[1]
-            self.datanode_url = f"http://127.0.0.1:{self.datanode_port}"
+            scheme = "https" if self.tls is not None else "http"
+            self.datanode_url = f"{scheme}://127.0.0.1:{self.datanode_port}"
             try:
                 self._nn = self._serve(_NamenodeHandler, self.port)
             except BaseException:
@@ -1059,7 +1076,7 @@ class WebHdfsStandIn:
                 self._dn = None
                 raise
             self.port = self._nn[0].server_address[1]
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self
 
     def stop(self) -> None:
