@@ -1,5 +1,5 @@
 """Command lines: ``spot-ingest SUBCOMMAND`` (master, worker, stream,
-standalone), with the aliases ``spot-master``, ``spot-worker``, ``spot-stream``
+standalone, ddl), with the aliases ``spot-master``, ``spot-worker``, ``spot-stream``
 and ``spot-standalone`` (also ``master_collector.py``, ``worker.py`` and
 ``start_standalone_ingest.sh`` at the top of the repository, with the
 original's options)."""
@@ -107,10 +107,31 @@ def standalone_main(argv=None) -> int:
     return main(argv)
 
 
+def ddl_main(argv=None) -> int:
+    from .catalog import ENGINES, CatalogError, ddl_statements
+    parser = argparse.ArgumentParser(prog="spot-ingest ddl", description=
+        "Print the CREATE DATABASE and CREATE EXTERNAL TABLE statements of the tables the "
+        "configured pipelines fill, then the statement that finds their partitions.")
+    parser.add_argument("-c", "--config", default=None, metavar="FILE",
+                        help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
+    parser.add_argument("--engine", choices=ENGINES, default="hive",
+                        help="SQL dialect (default: hive)")
+    parser.add_argument("--table", default=None, help="only this table (flow, dns, proxy ...)")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    try:
+        statements = ddl_statements(load(args.config), args.engine, args.table)
+    except (ConfigError, CatalogError) as exc:
+        log.error("%s", exc)
+        return ExitCode.CONFIG
+    print(";\n\n".join(statements) + ";")
+    return ExitCode.OK
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
-                "standalone": standalone_main}
+                "standalone": standalone_main, "ddl": ddl_main}
     if not argv or argv[0] not in commands:
         print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
               file=sys.stderr)
