@@ -30,7 +30,6 @@ are removed by the next process that opens the store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import BinaryIO, Iterator
 
 from .config import HdfsConfig, StoreLocation
 from .policy import RetryLater
-from .store import (COPY_CHUNK, MARKER, RefusedInput, SourceError, StagedCopy, StagedFile,
+from .store import (COPY_CHUNK, MARKER, RefusedInput, SourceFile, StagedCopy, StagedFile,
                     StoreError, StoreUnavailable, bounded_name, check_staged_location,
                     safe_name, staged_final_name)
 
@@ -240,40 +239,20 @@ class HdfsStore:
         when complete. The same content staged again lands on the same name."""
         incoming = self._path(ptype, "_incoming")
         tmp = f"{incoming}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-        digest, size = hashlib.sha256(), 0
-        try:
-            src = open(source, "rb")
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise SourceError(f"cannot read {source}: {exc.strerror}") from None
-
-        def chunks():
-            nonlocal size
-            while True:
-                try:
-                    chunk = src.read(COPY_CHUNK)
-                except OSError as exc:
-                    raise SourceError(f"cannot read {source}: {exc.strerror}") from None
-                if not chunk:
-                    return
-                digest.update(chunk)
-                size += len(chunk)
-                yield chunk
-        try:
-            with src:
-                self._write(tmp, chunks(), overwrite=False)
-            sha = digest.hexdigest()
-            final = self._path(ptype, staged_final_name(relative_name, sha, collected_at))
-            self._makedirs(str(PurePosixPath(final).parent))
-            if not self._rename(tmp, final, replace=False):
-                # The same content is there already (its name holds the checksum).
-                self._call("delete", tmp, self.client.delete, tmp)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.client.delete(tmp)
-            raise
-        return StagedFile(str(PurePosixPath(final).relative_to(self.root)), size, sha)
+        with SourceFile(source) as src:   # opened (or refused) before anything is sent
+            try:
+                self._write(tmp, iter(src), overwrite=False)
+                final = self._path(ptype, staged_final_name(relative_name, src.sha256,
+                                                            collected_at))
+                self._makedirs(str(PurePosixPath(final).parent))
+                if not self._rename(tmp, final, replace=False):
+                    # The same content is there already (its name holds the checksum).
+                    self._call("delete", tmp, self.client.delete, tmp)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.client.delete(tmp)
+                raise
+        return StagedFile(str(PurePosixPath(final).relative_to(self.root)), src.size, src.sha256)
 
     def clean_incoming(self, ptype: str) -> int:
         """Remove partial uploads that killed masters of this host left."""

@@ -59,11 +59,42 @@ class SourceError(StoreError):
     """The file to stage cannot be read: a fault of the file, not of the store."""
 
 
-def _read_source(src, source) -> bytes:
-    try:
-        return src.read(COPY_CHUNK)
-    except OSError as exc:
-        raise SourceError(f"cannot read {source}: {exc.strerror}") from None
+class SourceFile:
+    """A file to stage, opened for reading (``SourceError`` when it cannot
+    be; ``FileNotFoundError`` as is: it went away), read in chunks by
+    iterating it, and hashed on the way: ``size`` and ``sha256`` once read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = open(path, "rb")
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = self.file.read(COPY_CHUNK)
+            except OSError as exc:
+                raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+            if not chunk:
+                return
+            self.digest.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+    def __enter__(self) -> "SourceFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 class StoreUnavailable(RetryLater, StoreError):
@@ -345,31 +376,20 @@ class LocalStore(Store):
         incoming = self.root / ptype / "_incoming"
         incoming.mkdir(parents=True, exist_ok=True)
         tmp = incoming / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-        digest = hashlib.sha256()
-        size = 0
         try:
-            try:
-                src = open(source, "rb")
-            except FileNotFoundError:
-                raise
-            except OSError as exc:
-                raise SourceError(f"cannot read {source}: {exc.strerror}") from None
-            with src, open(tmp, "wb") as dst:
-                while chunk := _read_source(src, source):
-                    digest.update(chunk)
+            with SourceFile(source) as src, open(tmp, "wb") as dst:
+                for chunk in src:
                     dst.write(chunk)
-                    size += len(chunk)
                 dst.flush()
                 os.fsync(dst.fileno())
-            sha = digest.hexdigest()
-            final = self.root / ptype / staged_final_name(relative_name, sha, collected_at)
+            final = self.root / ptype / staged_final_name(relative_name, src.sha256, collected_at)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return StagedFile(str(final.relative_to(self.root)), size, sha)
+        return StagedFile(str(final.relative_to(self.root)), src.size, src.sha256)
 
     def clean_incoming(self, ptype: str) -> int:
         """Remove partial copies that a killed master of this host left behind."""

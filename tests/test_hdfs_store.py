@@ -84,6 +84,17 @@ def test_prefetched_copy_is_taken_over_not_downloaded_again(webhdfs, tmp_path):
     assert not ahead.exists() and not copy.path.exists()
 
 
+def stage_and_fetch(cfg: HdfsConfig, tmp_path) -> HdfsStore:
+    """A store of ``cfg`` that has staged a capture and read it back whole."""
+    store = HdfsStore(StoreLocation("/user/spot", cfg))
+    store.mark()
+    src = capture(tmp_path)
+    staged = store.stage(src, "flow", src.name, 1_795_000_000)
+    with store.fetch(staged.location) as copy:
+        assert copy.path.read_bytes() == src.read_bytes()
+    return store
+
+
 def test_fetch_refuses_a_directory_and_a_missing_file(webhdfs, tmp_path):
     store = hdfs_store(webhdfs, tmp_path)
     (webhdfs.data_dir / "user/spot/flow/binary/20261122/08/x").mkdir(parents=True)
@@ -199,12 +210,7 @@ def test_https_namenode_and_datanode_with_the_configured_ca(tmp_path, pki):
         assert server.url.startswith("https://") and server.datanode_url.startswith("https://")
         cfg = HdfsConfig(urls=(server.url,), user="spot", timeout=10, verify=str(pki / "ca.pem"),
                          scratch_dir=tmp_path / "scratch")
-        store = HdfsStore(StoreLocation("/user/spot", cfg))
-        store.mark()
-        src = capture(tmp_path)
-        staged = store.stage(src, "flow", src.name, 1_795_000_000)
-        with store.fetch(staged.location) as copy:
-            assert copy.path.read_bytes() == src.read_bytes()
+        store = stage_and_fetch(cfg, tmp_path)
         other = HdfsConfig(urls=(server.url,), user="spot", timeout=10,
                            verify=str(pki / "other.pem"), scratch_dir=tmp_path / "scratch2")
         with pytest.raises(StoreError, match="certificate verify failed|unable to get local "
@@ -246,12 +252,7 @@ def test_kerberos_store_authenticates_every_request_with_spnego(krb5_env, tmp_pa
         cfg = HdfsConfig(urls=(url,), timeout=10, scratch_dir=tmp_path / "scratch",
                          kerberos=KerberosSettings(krb5_env.client_principal,
                                                    krb5_env.client_keytab))
-        store = HdfsStore(StoreLocation("/user/spot", cfg))
-        store.mark()
-        src = capture(tmp_path)
-        staged = store.stage(src, "flow", src.name, 1_795_000_000)
-        with store.fetch(staged.location) as copy:
-            assert copy.path.read_bytes() == src.read_bytes()
+        store = stage_and_fetch(cfg, tmp_path)
         table_file(store, 5)
         # requests_kerberos sends its token in answer to the 401 of a first,
         # bare request (user None); every request served was spot's.
