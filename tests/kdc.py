@@ -266,20 +266,29 @@ class KDC:
     def client_environment(self, ccache: Path) -> Iterator[None]:
         """Point this process's Kerberos library at the realm (and at
         ``ccache`` as the default cache), then restore the environment exactly."""
-        saved = {k: os.environ.get(k) for k in ENV_KEYS}
-        try:
-            for key in ENV_KEYS:
-                os.environ.pop(key, None)
-            os.environ["KRB5_CONFIG"] = str(self.krb5_conf)
-            os.environ["KRB5CCNAME"] = f"FILE:{ccache}"
-            os.environ["KRB5RCACHEDIR"] = str(self.root)
+        with environ(**{**dict.fromkeys(ENV_KEYS), "KRB5_CONFIG": str(self.krb5_conf),
+                        "KRB5CCNAME": f"FILE:{ccache}", "KRB5RCACHEDIR": str(self.root)}):
             yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """Set (a value) or unset (None) environment variables for the block,
+    then restore each exactly as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def standard_realm(root: Path, max_life: int = KDC_MAX_LIFE) -> KDC:

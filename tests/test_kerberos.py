@@ -10,7 +10,6 @@ import os
 import re
 import stat
 import threading
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import requests  # noqa: E402
 from hdfs.ext.kerberos import KerberosClient  # noqa: E402
 
 # The fixtures "kdc" (session) and "krb5_env" (per test); see tests/kdc.py.
-from kdc import ENV_KEYS, make_acceptor, standard_realm  # noqa: E402
+from kdc import ENV_KEYS, environ, make_acceptor, standard_realm  # noqa: E402
 from spot_ingest.kerberos import (KerberosError, KerberosSettings, KerberosUnavailable,  # noqa: E402
                                   KeytabLogin, negotiate_auth)
 from spot_ingest.policy import RetryLater  # noqa: E402
@@ -47,20 +46,6 @@ def _krb5_environment_restored():
     before = {k: os.environ.get(k) for k in ENV_KEYS}
     yield
     assert {k: os.environ.get(k) for k in ENV_KEYS} == before
-
-
-@contextmanager
-def environ(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def settings_for(kdc, **keys) -> KerberosSettings:
