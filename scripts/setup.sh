@@ -10,7 +10,8 @@
 #    dns demo; with --kerberos also krb5-user (kinit) and, to build the gssapi
 #    module, libkrb5-dev, gcc, python3-dev; with --test also tcpdump, softflowd,
 #    stunnel4, openssl, iproute2, squid, krb5-kdc and krb5-admin-server (the
-#    tests run their own KDC; no system service is started).
+#    tests run their own KDC; no system service is started), and
+#    libdisruptor-java (the tests' Hive metastore logs through it).
 # 2. A virtual environment in .venv/ at the repository root with the package
 #    (editable) and its Python dependencies, PySpark and the embedded broker
 #    included. Nothing is installed into the system's Python.
@@ -103,6 +104,8 @@ if (( with_tests )); then
   have squid     || missing+=(squid)       # writes the squid pipeline's real access.log (/usr/sbin)
   have krb5kdc   || missing+=(krb5-kdc)    # the Kerberos tests' own KDC on loopback (/usr/sbin)
   have kadmin.local || missing+=(krb5-admin-server)  # kadmin.local adds the tests' principals
+  # The logger of the Hive metastore that the catalog tests run from PySpark's jars.
+  [[ -f /usr/share/java/disruptor.jar ]] || missing+=(libdisruptor-java)
 fi
 
 if (( ${#missing[@]} )) || (( ! java_ok )); then

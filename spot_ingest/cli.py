@@ -128,10 +128,47 @@ def ddl_main(argv=None) -> int:
     return ExitCode.OK
 
 
+def catalog_main(argv=None) -> int:
+    from . import pipeline as registry
+    from .catalog import CatalogError, table_specs
+    from .metastore import CatalogUnavailable, open_catalog, sync
+    from .store import StoreError
+    parser = argparse.ArgumentParser(prog="spot-ingest catalog", description=
+        "sync: create the pipeline's table in the configured catalog if missing and register "
+        "every partition the store holds that the catalog lacks (after an outage, or for data "
+        "written before the catalog was configured).")
+    parser.add_argument("action", choices=("sync",))
+    _common(parser)
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    try:
+        cfg = load(args.config)
+        pcfg = cfg.pipeline(args.type)
+        if not cfg.catalog.enabled:
+            raise ConfigError(f"{cfg.path}: no catalog section (or type \"none\"): nothing to "
+                              f"register in; see README, Query the tables")
+        spec = table_specs(cfg)[registry.load(pcfg.type).table]
+        catalog = open_catalog(cfg.catalog)
+    except (ConfigError, CatalogError) as exc:
+        log.error("%s", exc)
+        return ExitCode.CONFIG
+    try:
+        added, before = sync(cfg, spec, catalog)
+    except (CatalogUnavailable, CatalogError, StoreError) as exc:
+        log.error("catalog sync of %s.%s: %s", cfg.dbname, spec.name, exc)
+        return ExitCode.ERROR
+    finally:
+        catalog.close()
+    print(f"{cfg.dbname}.{spec.name}: registered {added} partition(s); {before} were "
+          f"registered already ({cfg.catalog.describe()})")
+    return ExitCode.OK
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
-                "standalone": standalone_main, "ddl": ddl_main}
+                "standalone": standalone_main, "ddl": ddl_main,
+                "catalog": catalog_main}
     if not argv or argv[0] not in commands:
         print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
               file=sys.stderr)

@@ -178,6 +178,35 @@ class StoreLocation:
         return self.hdfs.describe(self.path) if self.hdfs else self.path
 
 
+CATALOG_TYPES = ("none", "hive-metastore", "spark", "hiveserver2")
+CATALOG_KEYS = ("type", "uri", "url", "user", "password_file", "beeline", "conf", "timeout",
+                "batch_seconds")
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """The optional ``catalog`` section: where tables and partitions are
+    registered so that Hive, Impala and Spark see them (README: Query the
+    tables). ``type`` "none" (the default) registers nothing."""
+    type: str = "none"
+    uris: tuple[str, ...] = ()       # hive-metastore: thrift://host:port, tried in order
+    url: str | None = None           # hiveserver2: jdbc:hive2://host:port/...
+    user: str | None = None          # hiveserver2: beeline -n
+    password_file: Path | None = None   # hiveserver2: beeline -w (the password stays in a file)
+    beeline: str | None = None       # hiveserver2: the beeline program (default: from PATH, else PySpark's jars)
+    conf: tuple[tuple[str, str], ...] = ()   # spark: session settings (e.g. the metastore URIs)
+    timeout: float = 30.0            # seconds for one catalog call
+    batch_seconds: float = 5.0       # partitions written within this time are registered together
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+    def describe(self) -> str:
+        where = ", ".join(self.uris) if self.uris else (self.url or "a Spark session")
+        return f"{self.type} catalog at {where}"
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
@@ -223,6 +252,8 @@ class IngestConfig:
     signing_key_file: Path | None = None
     # The "hdfs" section: with it, hdfs_app_path is a path on HDFS.
     hdfs: HdfsConfig | None = None
+    # The "catalog" section: where tables and partitions are registered.
+    catalog: CatalogConfig = CatalogConfig()
 
     @property
     def store(self) -> StoreLocation:
@@ -432,6 +463,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
                                       empty_is_default=True),
         signing_key_file=_signing_key_file(top, base_dir),
         hdfs=hdfs,
+        catalog=_catalog_config(top, base_dir),
     )
 
     return cfg
@@ -696,6 +728,70 @@ def _hdfs_config(top: _Reader, base_dir: Path) -> HdfsConfig | None:
         timeout=section.get("timeout", "pos_num", 60.0), verify=verify, kerberos=kerberos,
         scratch_dir=_resolve(base_dir, section.get("scratch_dir", "str", "/var/tmp/spot-ingest")),
         scratch_max_bytes=section.get("scratch_max_bytes", "pos_int", None))
+
+
+def _catalog_config(top: _Reader, base_dir: Path) -> CatalogConfig:
+    """The optional ``catalog`` section; every key checked, each mistake one line."""
+    if not top.has("catalog") or top.data["catalog"] in (None, {}):
+        return CatalogConfig()
+    section = top.section("catalog")
+    for key in section.data:
+        if key not in CATALOG_KEYS:
+            raise section.error(key, f"unknown key; known keys: {', '.join(CATALOG_KEYS)}")
+    kind = section.get("type", "str", "none")
+    if kind not in CATALOG_TYPES:
+        raise section.error("type", f"'{kind}' is not one of {', '.join(CATALOG_TYPES)}")
+    # A Kerberized metastore is reached through "spark" or "hiveserver2" (with
+    # principal=... in the URL): both use the site's own Kerberos client.
+    allowed = {"none": ("type",), "hive-metastore": ("type", "uri", "timeout", "batch_seconds"),
+               "spark": ("type", "conf", "timeout", "batch_seconds"),
+               "hiveserver2": ("type", "url", "user", "password_file", "beeline", "timeout",
+                               "batch_seconds")}[kind]
+    for key in section.data:
+        if key not in allowed:
+            raise section.error(key, f"not used with type '{kind}' (it takes "
+                                     f"{', '.join(allowed)})")
+    uris: tuple[str, ...] = ()
+    if kind == "hive-metastore":
+        raw = section.data.get("uri")
+        listed = [raw] if isinstance(raw, str) else raw
+        if not listed or not isinstance(listed, list) or not all(isinstance(u, str) for u in listed):
+            raise section.error("uri", f"expected thrift://host:port or a list of them, got "
+                                       f"{json.dumps(raw)}")
+        found = []
+        for uri in (u.strip() for text in listed for u in text.split(",")):
+            if not re.fullmatch(r"thrift://[A-Za-z0-9.\-_]+:[0-9]{1,5}", uri) \
+                    or not 0 < int(uri.rsplit(":", 1)[1]) < 65536:
+                raise section.error("uri", f"'{uri}' is not thrift://host:port (the metastore's "
+                                           f"hive.metastore.uris, e.g. thrift://metastore:9083)")
+            found.append(uri)
+        uris = tuple(found)
+    url = None
+    password_file = None
+    if kind == "hiveserver2":
+        url = section.get("url", "str")
+        if not url.startswith("jdbc:hive2://") or any(c.isspace() for c in url):
+            raise section.error("url", f"'{url}' is not a HiveServer2 JDBC URL "
+                                       f"(jdbc:hive2://host:10000/default)")
+        if section.data.get("password_file") not in (None, ""):
+            password_file = _resolve(base_dir, section.get("password_file", "str"))
+            if not password_file.is_file() or not os.access(password_file, os.R_OK):
+                raise section.error("password_file", f"'{password_file}' is not a readable file")
+    conf: tuple[tuple[str, str], ...] = ()
+    if kind == "spark":
+        raw_conf = section.get("conf", "dict", {})
+        for key, value in raw_conf.items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise section.error(f"conf.{key}", f"expected a string, got {json.dumps(value)}")
+        conf = tuple(sorted((k, str(v).lower() if isinstance(v, bool) else str(v))
+                            for k, v in raw_conf.items()))
+    return CatalogConfig(
+        type=kind, uris=uris, url=url,
+        user=section.get("user", "str", None, empty_is_default=True),
+        password_file=password_file,
+        beeline=section.get("beeline", "str", None, empty_is_default=True),
+        conf=conf, timeout=section.get("timeout", "pos_num", 30.0),
+        batch_seconds=section.get("batch_seconds", "nonneg_num", 5.0))
 
 
 def _kerberos_settings(hdfs: _Reader, base_dir: Path):

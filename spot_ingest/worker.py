@@ -41,6 +41,7 @@ from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecuri
                   PartitionReader, retry_kafka, security_problem, signature_problem)
 from .config import IngestConfig, PipelineConfig, StoreLocation, read_signing_key
 from .logs import printable
+from .metastore import Registrar, start_registrar
 from .policy import Backoff, ExitCode, process_pool, until_done
 from .pipeline import BadInputError
 from .store import SHA256_RE, RefusedInput, StagedCopy, Store, open_store
@@ -342,6 +343,7 @@ class Worker:
         self.last_heard = time.monotonic()
         self.broker_lost = False
         self.signing_key = read_signing_key(cfg)
+        self.registrar: Registrar | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -385,6 +387,8 @@ class Worker:
         self.committer = Committer(self._new_reader, f"{self.topic} partition {self.worker_id}")
         self.committer.confirmed = start if start is not None else -1
         self.committer.start()
+        # Partitions are registered in the catalog (if any) by a thread: ingest never waits.
+        self.registrar = start_registrar(self.cfg, self.plugin.table)
         self.pool = self._new_pool()
         # A remote store's files are copied to scratch by these threads while
         # the pool converts earlier ones (a mounted store is read in place).
@@ -404,6 +408,8 @@ class Worker:
                             "offset %d will be loaded again (idempotently) at the next start",
                             self.committer.target, self.committer.confirmed)
             self.reader.close()
+            if self.registrar is not None:
+                self.registrar.close()
         log.info("worker %d done: %d file(s) loaded (%d rows), %d quarantined, %d announcement(s) "
                  "refused", self.worker_id, self.counts["loaded"], self.counts["rows"],
                  self.counts["quarantined"], self.counts["refused"])
@@ -592,6 +598,8 @@ class Worker:
                 parts = ", ".join(f"{p} ({n})" for p, n in sorted(outcome.partitions.items()))
                 log.info("loaded %s: %d rows in %.1f s into %s", printable(ann.original_name),
                          outcome.rows, outcome.seconds, parts or "no partition (no rows)")
+                if self.registrar is not None:
+                    self.registrar.written(self.plugin.table, outcome.partitions)
             elif outcome.status == "refused":
                 log.error("refused offset %d of %s (%s): %s", offset, self.topic,
                           printable(ann.original_name), outcome.detail)

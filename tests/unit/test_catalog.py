@@ -70,3 +70,69 @@ def test_a_quote_in_a_location_is_escaped(tmp_path):
     odd.mkdir()
     create = ddl_statements(config(odd))[1]
     assert "LOCATION 'file://" + str(odd).replace("'", "\\'") + "/store/flow/hive'" in create
+
+
+# -- the catalog section and what registration sends ---------------------------
+
+@pytest.mark.parametrize("catalog, problem", [
+    ({"type": "glue"}, "catalog.type: 'glue' is not one of none, hive-metastore, spark, hiveserver2"),
+    ({"type": "hive-metastore"}, "catalog.uri: expected thrift://host:port"),
+    ({"type": "hive-metastore", "uri": "http://metastore:9083"},
+     "catalog.uri: 'http://metastore:9083' is not thrift://host:port"),
+    ({"type": "hive-metastore", "uri": "thrift://metastore:99999"}, "is not thrift://host:port"),
+    ({"type": "hive-metastore", "uri": "thrift://m:9083", "url": "jdbc:hive2://h:1/"},
+     "catalog.url: not used with type 'hive-metastore'"),
+    ({"type": "hiveserver2", "url": "thrift://h:10000"}, "is not a HiveServer2 JDBC URL"),
+    ({"type": "hiveserver2", "url": "jdbc:hive2://h:10000/", "password_file": "/nonexistent"},
+     "catalog.password_file: '/nonexistent' is not a readable file"),
+    ({"type": "spark", "conf": {"a": ["b"]}}, "catalog.conf.a: expected a string"),
+    ({"type": "spark", "batch_seconds": -1}, "catalog.batch_seconds: expected a number of 0"),
+    ({"type": "spark", "kerberos": True}, "catalog.kerberos: unknown key"),
+])
+def test_catalog_section_mistakes_are_one_line_naming_the_key(tmp_path, catalog, problem):
+    from spot_ingest.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        config(tmp_path, catalog=catalog)
+    assert problem in str(err.value) and str(tmp_path / "ingest_conf.json") in str(err.value)
+
+
+def test_catalog_section_is_read_into_its_settings(tmp_path):
+    cfg = config(tmp_path, catalog={"type": "hive-metastore",
+                                    "uri": ["thrift://a:9083", "thrift://b:9083"]})
+    assert cfg.catalog.uris == ("thrift://a:9083", "thrift://b:9083") and cfg.catalog.enabled
+    assert not config(tmp_path).catalog.enabled
+
+
+def test_partition_directories_are_checked_before_they_reach_a_statement(tmp_path):
+    from spot_ingest.catalog import add_partitions_statement, table_specs
+    specs = table_specs(config(tmp_path))
+    flow, proxy = specs["flow"], specs["proxy"]
+    assert add_partitions_statement("spotdb", flow, ["y=2016/m=5/d=21/h=13"]) == (
+        "ALTER TABLE `spotdb`.`flow` ADD IF NOT EXISTS "
+        "PARTITION (`y`=2016, `m`=5, `d`=21, `h`=13)")
+    assert proxy.partition_spec("y=2016/m=05/d=21/h=03") == \
+        "PARTITION (`y`='2016', `m`='05', `d`='21', `h`='03')"
+    for bad in ("y=2016/m=5/d=21", "y=2016/m=5/d=21/x=1", "y=2016/m=5/d=21/h=1;DROP",
+                "m=5/y=2016/d=21/h=13", "y=2016/m=5/d=21/h="):
+        with pytest.raises(CatalogError):
+            flow.partition_values(bad)
+    with pytest.raises(CatalogError):
+        proxy.partition_values("y=2016/m=05/d=21/h=0'3")
+
+
+def test_metastore_table_is_the_one_the_hive_ddl_declares(tmp_path):
+    from spot_ingest.catalog import table_specs
+    from spot_ingest.metastore import thrift_partition, thrift_table
+    spec = table_specs(config(tmp_path))["flow"]
+    table = thrift_table("spotdb", spec)
+    statement = [s for s in ddl_statements(config(tmp_path), "hive", "flow")
+                 if s.startswith("CREATE EXTERNAL")][0]
+    for col in table.sd.cols:
+        assert f"`{col.name}` {col.type.upper()}" in statement
+    keys = ", ".join(f"`{k.name}` {k.type.upper()}" for k in table.partitionKeys)
+    assert f"PARTITIONED BY ({keys})" in statement
+    assert f"LOCATION '{table.sd.location}'" in statement
+    assert table.tableType == "EXTERNAL_TABLE" and table.parameters == {"EXTERNAL": "TRUE"}
+    part = thrift_partition("spotdb", spec, "y=2016/m=5/d=21/h=13")
+    assert part.values == ["2016", "5", "21", "13"]
+    assert part.sd.location == f"{table.sd.location}/y=2016/m=5/d=21/h=13"
