@@ -164,11 +164,50 @@ def catalog_main(argv=None) -> int:
     return ExitCode.OK
 
 
+def compact_main(argv=None) -> int:
+    from .compaction import (CODECS, DEFAULT_TARGET_SIZE, compact,
+                             parse_duration, parse_size)
+    from .store import StoreError
+    parser = argparse.ArgumentParser(prog="spot-ingest compact", description=
+        "Rewrite the closed hours of the pipeline's table into few large files (README: "
+        "Query the tables). Readers never see rows missing or doubled.")
+    _common(parser)
+    parser.add_argument("--older-than", default="2h", metavar="AGE",
+                        help="a partition is closed when no file changed for this long "
+                             "(2h, 30m, 1d; default 2h)")
+    parser.add_argument("--target-size", default="256MB", metavar="SIZE",
+                        help="size of the merged files (default 256MB)")
+    parser.add_argument("--codec", choices=CODECS, default="zstd",
+                        help="compression of the merged files (default zstd)")
+    parser.add_argument("--no-sort", action="store_true",
+                        help="keep the rows in their order instead of sorting them on the "
+                             "table's sort columns (flow: sip, dns: dns_qry_name, proxy: host)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        older_than, target = parse_duration(args.older_than), parse_size(args.target_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    cfg = _load(args, check_paths=False)
+    try:
+        summary = compact(cfg, args.type, older_than or 0.0, target or DEFAULT_TARGET_SIZE,
+                          args.codec, not args.no_sort)
+    except StoreError as exc:
+        log.error("compaction of %s stopped: %s (run it again; nothing is lost)", args.type, exc)
+        return ExitCode.ERROR
+    print(f"{args.type}: compacted {summary.partitions} partition(s): {summary.files_in} files "
+          f"({summary.bytes_in} bytes) -> {summary.files_out} files ({summary.bytes_out} bytes), "
+          f"{summary.rows} rows; {summary.skipped_open} partition(s) not closed yet"
+          + (f"; settled {summary.settled} stopped compaction(s)" if summary.settled else "")
+          + (f"; {len(summary.failed)} partition(s) failed" if summary.failed else ""))
+    return ExitCode.ERROR if summary.failed else ExitCode.OK
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
                 "standalone": standalone_main, "ddl": ddl_main,
-                "catalog": catalog_main}
+                "catalog": catalog_main, "compact": compact_main}
     if not argv or argv[0] not in commands:
         print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
               file=sys.stderr)

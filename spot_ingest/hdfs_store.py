@@ -465,6 +465,57 @@ class HdfsStore:
                 return reader.read()
         return self._call("read", path, whole)
 
+    def details(self, area: str, suffix: str = "") -> list[tuple[str, int, float]]:
+        base = self._path(area)
+        if self._status(base) is None:
+            return []
+        found = []
+        walked = self._call("list", base, lambda: list(
+            self.client.walk(base, ignore_missing=True, status=True)))
+        for (dirpath, _), _, files in walked:
+            rel = PurePosixPath(dirpath).relative_to(base)
+            if "_tmp" in rel.parts:
+                continue
+            for name, st in files:
+                if name.endswith(suffix):
+                    found.append((str(rel / name) if str(rel) != "." else name, st["length"],
+                                  st["modificationTime"] / 1000.0))
+        return sorted(found)
+
+    def read_tail(self, area: str, relative: str, nbytes: int) -> bytes:
+        path = self._path(area, relative)
+        status = self._status(path)
+        if status is None:
+            raise StoreError(f"{self.where(path)} is gone")
+        offset = max(0, status["length"] - nbytes)
+
+        def tail():
+            with self.client.read(path, offset=offset, length=status["length"] - offset) as r:
+                return r.read()
+        return self._call("read", path, tail)
+
+    def exists(self, area: str, relative: str) -> bool:
+        return self._status(self._path(area, relative)) is not None
+
+    def delete(self, area: str, relative: str) -> None:
+        path = self._path(area, relative)
+        self._call("delete", path, self.client.delete, path, recursive=True)
+
+    def rename(self, area: str, src: str, dest: str) -> None:
+        source, target = self._path(area, src), self._path(area, dest)
+        self._makedirs(str(PurePosixPath(target).parent))
+        if not self._rename(source, target, replace=False):
+            raise StoreError(f"cannot move {self.where(source)} to {target}: it exists")
+
+    def exchange(self, area: str, a: str, b: str) -> bool:
+        """WebHDFS has no atomic swap: three renames (see ``Store``)."""
+        first, second = self._path(area, a), self._path(area, b)
+        spare = first + ".swap"
+        for src, dest in ((second, spare), (first, second), (spare, first)):
+            if not self._rename(src, dest, replace=False):
+                raise StoreError(f"cannot move {self.where(src)} to {dest}: it exists")
+        return False
+
     def list(self, area: str, suffix: str = "") -> list[str]:
         base = self._path(area)
         if self._status(base) is None:

@@ -91,6 +91,9 @@ class Pipeline(ABC):
     # moves them into itself).
     directory_keys: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()    # programs that must be on PATH
+    # Columns compaction sorts a partition's rows on, so that engines skip
+    # row groups on the filters analysts use most (empty: not sorted).
+    sort_by: tuple[str, ...] = ()
 
     def parse_options(self, raw: Mapping[str, Any], error: OptionError) -> Any:
         """Validate the keys of this type in the pipeline's section ``raw``

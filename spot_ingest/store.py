@@ -223,6 +223,27 @@ def set_aside(dest_dir: Path, name: str, data: bytes | Path, reason: str) -> Pat
     return dest
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux renameat2(RENAME_EXCHANGE);
+    False where the kernel or the file system cannot (then nothing moved)."""
+    import ctypes
+    import errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = getattr(libc, "renameat2", None)
+    if call is None:
+        return False
+    if call(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
 def _current_umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
@@ -263,8 +284,16 @@ class Store(Protocol):
       and atomically to its final path in ``<area>`` (replacing the output of
       an earlier run of the same input); ``discard_aside()`` drops one,
       ``remove_aside()`` what a killed writer left; ``list()`` names what an
-      area holds, ``read()`` one of them whole (small files: summaries).
-      An area is a folder relative to the store root (a table).
+      area holds (``details()``: with sizes and modification times),
+      ``read()`` one of them whole (small files: summaries), ``read_tail()``
+      its last bytes (a Parquet footer). An area is a folder relative to the
+      store root (a table).
+    * Compaction (``spot_ingest.compaction``) also uses ``delete()`` (a file
+      or a folder with its content), ``rename()`` (within an area, never over
+      an existing name) and ``exchange(area, a, b)``, which swaps two folders:
+      atomically where the file system can (Linux ``renameat2`` with
+      RENAME_EXCHANGE; returns True), else by three renames (False): a reader
+      may then find ``b`` missing for the moment between two of them.
     * ``table_root()`` is where Spark keeps a table's streaming checkpoint.
     * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
       killed masters of this host; staged files past retention whose rows are
@@ -291,7 +320,13 @@ class Store(Protocol):
     def discard_aside(self, area: str, name: str) -> None: ...
     def remove_aside(self, area: str, prefix: str) -> int: ...
     def list(self, area: str, suffix: str = "") -> list[str]: ...
+    def details(self, area: str, suffix: str = "") -> list[tuple[str, int, float]]: ...
     def read(self, area: str, relative: str) -> bytes: ...
+    def read_tail(self, area: str, relative: str, nbytes: int) -> bytes: ...
+    def delete(self, area: str, relative: str) -> None: ...
+    def exists(self, area: str, relative: str) -> bool: ...
+    def rename(self, area: str, src: str, dest: str) -> None: ...
+    def exchange(self, area: str, a: str, b: str) -> bool: ...
     def clean_incoming(self, ptype: str) -> int: ...
     def mark_loaded(self, ptype: str, sha256: str) -> None: ...
     def expire_staged(self, ptype: str, older_than_days: float,
@@ -521,8 +556,59 @@ class LocalStore(Store):
         return sorted(str(p.relative_to(base)) for p in base.rglob(f"*{suffix}")
                       if p.is_file() and "_tmp" not in p.relative_to(base).parts)
 
+    def details(self, area: str, suffix: str = "") -> list[tuple[str, int, float]]:
+        """``list()`` with each file's size and modification time."""
+        base = self.root / area
+        found = []
+        for relative in self.list(area, suffix):
+            try:
+                st = (base / relative).stat()
+            except FileNotFoundError:   # removed since it was listed
+                continue
+            found.append((relative, st.st_size, st.st_mtime))
+        return found
+
     def read(self, area: str, relative: str) -> bytes:
         return (self.root / area / relative).read_bytes()
+
+    def read_tail(self, area: str, relative: str, nbytes: int) -> bytes:
+        with open(self.root / area / relative, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - nbytes))
+            return f.read()
+
+    def exists(self, area: str, relative: str) -> bool:
+        return (self.root / area / relative).exists()
+
+    def delete(self, area: str, relative: str) -> None:
+        path = self.root / area / relative
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def rename(self, area: str, src: str, dest: str) -> None:
+        source, target = self.root / area / src, self.root / area / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            raise StoreError(f"cannot move {source} to {target}: it exists")
+        os.rename(source, target)
+        _fsync_dir(target.parent)
+
+    def exchange(self, area: str, a: str, b: str) -> bool:
+        first, second = self.root / area / a, self.root / area / b
+        if _rename_exchange(first, second):
+            _fsync_dir(first.parent)
+            _fsync_dir(second.parent)
+            return True
+        # No atomic swap here (NFS, some FUSE mounts): three renames.
+        spare = first.with_name(first.name + ".swap")
+        os.rename(second, spare)
+        os.rename(first, second)
+        os.rename(spare, first)
+        _fsync_dir(first.parent)
+        _fsync_dir(second.parent)
+        return False
 
 
 @functools.lru_cache(maxsize=8)

@@ -7,9 +7,19 @@ makes each visible as ``<table>/hive/<partition>/<name>.parquet``. ``<name>`` de
 input's checksum, so converting the same input again replaces the earlier
 output instead of adding rows beside it, and readers (Hive, Spark, DuckDB,
 which list ``*.parquet`` under ``hive/``) never see a partial file.
+
+A file can hold the rows of several inputs: a compacted file
+(``spot_ingest.compaction``, named ``merged-*``) or a streaming batch. Its
+Parquet key-value metadata ``INPUTS_KEY`` lists their names, and the writer
+checks it: an input a merged file of the partition already holds is not
+written again (the same name is the same checksum, hence the same rows), so
+a file delivered again after its hour was compacted never doubles rows.
 """
 from __future__ import annotations
 
+import json
+import struct
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +28,9 @@ import pyarrow.parquet as pq
 from .store import Store
 
 ROW_GROUP_ROWS = 256 * 1024
+# Parquet key-value metadata: JSON list of the input names a file holds.
+INPUTS_KEY = b"spot_ingest.inputs"
+MERGED_PREFIX = "merged-"
 BUFFER_LIMIT_BYTES = 128 << 20
 
 
@@ -36,6 +49,53 @@ def hourly_partitions(timestamps: pa.Array) -> list[pa.Array]:
 def partition_dir(names, values) -> str:
     # Integers the way Hive and Spark write them (no zero padding); strings as given.
     return "/".join(f"{n}={v}" for n, v in zip(names, values))
+
+
+def read_footer(store: Store, area: str, relative: str) -> pq.FileMetaData:
+    """A Parquet file's metadata, reading only its end (not the whole file
+    from a remote store)."""
+    tail = store.read_tail(area, relative, 64 << 10)
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError(f"{area}/{relative} is not a Parquet file (no PAR1 at its end)")
+    length = struct.unpack("<I", tail[-8:-4])[0]
+    if length + 8 > len(tail):
+        tail = store.read_tail(area, relative, length + 8)
+        if length + 8 > len(tail):
+            raise ValueError(f"{area}/{relative}: the footer is longer than the file")
+    # A footer alone, framed as a file, is what the metadata reader needs.
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8):]))
+
+
+def file_inputs(metadata: pq.FileMetaData | None, name: str) -> list[str]:
+    """The inputs a file holds: its ``INPUTS_KEY`` list, else itself."""
+    kv = (metadata.metadata or {}) if metadata is not None else {}
+    if INPUTS_KEY in kv:
+        return list(json.loads(kv[INPUTS_KEY]))
+    return [name.removesuffix(".parquet")]
+
+
+_footers: dict[tuple, list[str]] = {}
+
+
+def held_inputs(store: Store, area: str, rel_dir: str, data_dir: str = "hive"
+                ) -> dict[str, str]:
+    """input name -> file name, for each file of the partition that holds
+    several inputs (``merged-*``). Only footers are read, once per file and
+    size in this process."""
+    folder = "/".join(p for p in (area, data_dir, rel_dir) if p and p != ".")
+    held = {}
+    for name, size, _ in store.details(folder, ".parquet"):
+        if "/" in name or not name.startswith(MERGED_PREFIX):
+            continue
+        key = (str(getattr(store, "root", "")), folder, name, size)
+        if key not in _footers:
+            try:
+                _footers[key] = file_inputs(read_footer(store, folder, name), name)
+            except FileNotFoundError:   # replaced since it was listed
+                continue
+        for item in _footers[key]:
+            held[item] = name
+    return held
 
 
 class _Partition:
@@ -58,10 +118,17 @@ class TableWriter:
     killed one left."""
 
     def __init__(self, store: Store, area: str, name: str, schema: pa.Schema,
-                 partition_schema: pa.Schema, tmp_prefix: str, data_dir: str = "hive"):
+                 partition_schema: pa.Schema, tmp_prefix: str, data_dir: str = "hive",
+                 inputs: Sequence[str] | None = None, compression: str = "snappy",
+                 row_group_rows: int = ROW_GROUP_ROWS):
         self.store, self.area, self.data_dir = store, area, data_dir
         self.name = name
-        self.schema = schema
+        self.inputs = sorted(inputs) if inputs is not None else None
+        self.compression, self.row_group_rows = compression, row_group_rows
+        # Partitions skipped because a merged file already holds this input.
+        self.already_held: dict[str, str] = {}
+        self.schema = schema if inputs is None else schema.with_metadata(
+            {**(schema.metadata or {}), INPUTS_KEY: json.dumps(self.inputs).encode()})
         self.partition_names = partition_schema.names
         self.tmp_prefix = tmp_prefix
         self.partitions: dict[tuple, _Partition] = {}
@@ -94,7 +161,7 @@ class TableWriter:
         part.buffered_rows += data.num_rows
         part.buffered_bytes += data.nbytes
         self.buffered_bytes += data.nbytes
-        if part.buffered_rows >= ROW_GROUP_ROWS:
+        if part.buffered_rows >= self.row_group_rows:
             self._flush(part)
         while self.buffered_bytes > BUFFER_LIMIT_BYTES:
             self._flush(max(self.partitions.values(), key=lambda p: p.buffered_bytes))
@@ -104,9 +171,9 @@ class TableWriter:
             return
         if part.writer is None:
             part.sink = self.store.write_aside(self.area, part.tmp_name)
-            part.writer = pq.ParquetWriter(part.sink, self.schema, compression="snappy")
+            part.writer = pq.ParquetWriter(part.sink, self.schema, compression=self.compression)
         part.writer.write_table(pa.Table.from_batches(part.batches, self.schema),
-                                row_group_size=ROW_GROUP_ROWS)
+                                row_group_size=self.row_group_rows)
         part.rows += part.buffered_rows
         self.buffered_bytes -= part.buffered_bytes
         part.batches, part.buffered_rows, part.buffered_bytes = [], 0, 0
@@ -131,9 +198,20 @@ class TableWriter:
         result = {}
         for part in self.partitions.values():
             final = "/".join(p for p in (self.data_dir, part.rel_dir) if p and p != ".")
-            self.store.make_visible(self.area, part.tmp_name,
-                                    f"{final}/{self.name}.parquet" if final else
-                                    f"{self.name}.parquet")
+            # Compaction and this writer each check after their own step, so
+            # whichever comes second sees the other's file: never doubled.
+            holder = held_inputs(self.store, self.area, part.rel_dir, self.data_dir).get(self.name)
+            if holder is not None:
+                self.store.discard_aside(self.area, part.tmp_name)
+                self.already_held[part.rel_dir] = holder
+                continue
+            target = f"{final}/{self.name}.parquet" if final else f"{self.name}.parquet"
+            self.store.make_visible(self.area, part.tmp_name, target)
+            holder = held_inputs(self.store, self.area, part.rel_dir, self.data_dir).get(self.name)
+            if holder is not None:      # a compaction swapped the partition meanwhile
+                self.store.delete(self.area, target)
+                self.already_held[part.rel_dir] = holder
+                continue
             result[part.rel_dir] = part.rows
         self.partitions.clear()
         return result

@@ -166,6 +166,10 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
                                        f"{ann.sha256}", started)
         partitions = writer.commit()
         store.mark_loaded(pcfg.type, ann.sha256)
+        if writer.already_held:    # delivered again after its hour was compacted
+            rows = sum(partitions.values())
+            log.info("%s: already held by %s; not written again", printable(ann.original_name),
+                     ", ".join(f"{d}/{f}" for d, f in sorted(writer.already_held.items())))
     except (BadInputError, ToolTimeout) as exc:
         writer.abort()
         if not hasher.matches(ann):   # not the announced file: refuse, never move it

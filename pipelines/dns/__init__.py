@@ -284,6 +284,7 @@ class DnsPipeline(FilePipeline):
     table = "dns"
     schema = TABLE_SCHEMA
     partition_schema = HOURLY_PARTITIONS
+    sort_by = ("dns_qry_name",)
     default_supported_files = (".pcap", ".pcapng", ".pcap.gz")
     directory_keys = ("pcap_split_staging",)
     tools = ("editcap", "tshark")

@@ -225,6 +225,7 @@ class FlowPipeline(FilePipeline):
     table = "flow"
     schema = TABLE_SCHEMA
     partition_schema = HOURLY_PARTITIONS
+    sort_by = ("sip",)
     # nfcapd names finished files nfcapd.YYYYMMDDhhmm; it writes
     # nfcapd.current.PID while collecting, which the master never takes.
     default_supported_files = ("nfcapd.*",)

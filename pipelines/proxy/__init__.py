@@ -55,6 +55,7 @@ class ProxyPipeline(RecordPipeline):
     table = "proxy"
     schema = TABLE_SCHEMA
     partition_schema = STRING_PARTITIONS
+    sort_by = ("host",)
     default_supported_files = (".log", ".log.gz", ".txt")
     default_fields = ORIGINAL_FIELDS
 

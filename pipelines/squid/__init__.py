@@ -157,6 +157,7 @@ class SquidPipeline(RecordPipeline):
     table = "squid"
     schema = TABLE_SCHEMA
     partition_schema = STRING_PARTITIONS
+    sort_by = ("host",)
     default_supported_files = ("access.log.*", "access.log-*")
     tools = ()                        # parse runs in Spark; squid is needed only for the sample
     comment_prefix = b"#"             # the native format has none: no line of squid's starts so
