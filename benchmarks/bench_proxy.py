@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import uuid
+
+import pyarrow.parquet as pq
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from spot_ingest import lines as line_protocol  # noqa: E402
 from spot_ingest.lines import Message, output_name  # noqa: E402
+from spot_ingest.warehouse import INPUTS_KEY  # noqa: E402
 from spot_ingest.pipelines.proxy import COLUMNS, ORIGINAL_FIELDS, PROXY  # noqa: E402
 from spot_ingest.pipelines.proxy.sample import log_lines, write_log  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
@@ -112,6 +115,12 @@ def throughput(workdir: Path, log: Path, lines: int, trigger: float) -> None:
     ended = re.findall(r"(\d\d:\d\d:\d\d,\d+) .* spot_ingest.streaming: batch \d+: ", out)[-1]
     to_s = lambda t: sum(float(x) * m for x, m in zip(t.replace(",", ".").split(":"), (3600, 60, 1)))  # noqa: E731
     streaming = to_s(ended) - to_s(started)
+    hive = root / "warehouse" / "proxy" / "hive"
+    files = list(hive.rglob("*.parquet"))
+    partitions = {f.parent for f in files}
+    batches = len(re.findall(r"spot_ingest.streaming: batch \d+: [1-9]", out))
+    print(f"    {len(files)} Parquet files in {len(partitions)} partition(s) from {batches} "
+          f"micro-batch(es) with messages")
     print(f"(b) Spark job, {messages} messages: {wall:6.1f} s with start-up "
           f"({lines / wall:,.0f} lines/s); {streaming:6.1f} s from query start to the last batch "
           f"({lines / streaming:,.0f} lines/s)")
@@ -139,17 +148,31 @@ def latency(workdir: Path, trigger: float, rate: int, seconds: int) -> None:
                 if time.monotonic() > deadline or job.poll() is not None:
                     raise SystemExit("the job did not start")
                 time.sleep(0.2)
-            time.sleep(trigger * 3)   # let the first, empty batches pass (warm-up)
+            # Steady state: the feed starts once the query ran its first batch.
+            while "spot_ingest.streaming: batch 0:" not in (log_dir / "job.log").read_text():
+                if time.monotonic() > deadline or job.poll() is not None:
+                    raise SystemExit("the job ran no batch")
+                time.sleep(0.2)
             sent: dict[str, float] = {}
             seen: dict[str, float] = {}
+            read_files: set[Path] = set()
             stop = threading.Event()
 
             def watch():
                 while not stop.is_set() or len(seen) < len(sent):
                     if hive.exists():
-                        for f in hive.rglob("part-*.parquet"):
-                            mid = f.name[len("part-"):-len(".parquet")]
-                            seen.setdefault(mid, time.time())
+                        # A file holds a micro-batch: its metadata names its messages.
+                        for f in hive.rglob("*.parquet"):
+                            if f in read_files:
+                                continue
+                            now = time.time()
+                            try:
+                                meta = pq.read_metadata(f).metadata or {}
+                            except OSError:
+                                continue
+                            read_files.add(f)
+                            for name in json.loads(meta.get(INPUTS_KEY, b"[]")):
+                                seen.setdefault(name[len("part-"):], now)
                     time.sleep(0.05)
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()

@@ -19,13 +19,15 @@ Each micro-batch, in this order (the one place that performs it):
    every restart).
 3. The pipeline's ``parse`` makes one row per line; the engine adds the
    protocol's rejects (bad fields header, invalid UTF-8, NUL byte).
-4. The writer, in each task, writes each record's rows as Parquet files
-   named after a digest of the record's content and headers (table rows
-   under ``<table>/hive/``, rejected lines under ``<table>/rejects/``),
-   aside then renamed: a redone batch, or a message published twice,
-   replaces its own files.
+4. The writer, in each task, writes the task's rows as one Parquet file per
+   table partition (table rows under ``<table>/hive/``, rejected lines under
+   ``<table>/rejects/``), aside then renamed, named after the digests of the
+   records it holds, which its metadata lists: a redone batch replaces its
+   own files, and a record another file already holds (a message published
+   twice) is not written again.
 5. The batch's summary reaches the driver; end-of-run markers count only
-   once their batch's rows are in place.
+   once their batch's rows are in place, and the partitions written are
+   queued for the catalog (``spot_ingest.metastore.Registrar``), if any.
 6. Spark records the batch as committed. A job killed before this step
    redoes the batch after a restart (step 4 makes that harmless).
 
@@ -57,6 +59,7 @@ if __name__ == "__main__" and not __package__:
     sys.exit(main())
 
 from . import lines
+from .metastore import Registrar, start_registrar
 from . import pipeline as registry
 from .config import IngestConfig, KafkaConfig, PipelineConfig, StoreLocation
 from .policy import ExitCode
@@ -192,62 +195,118 @@ def rows(records, plugin: registry.RecordPipeline):
 # -- step 4: the writer -------------------------------------------------------
 
 def writer(ptype: str, location: StoreLocation, prefix: str):
-    """The function run by ``mapInArrow`` in each task: the rows of one Kafka
-    record are contiguous in a task (no shuffle between source and writer),
-    so each record is written when the next one begins, under the record's
-    ``name`` (a digest of its content and headers): a batch redone or a
-    message published again replaces its own files, and no other record,
-    whatever its headers claim, can write over them."""
+    """The function run by ``mapInArrow`` in each task, after the rows were
+    shuffled so that each table partition is in one task (``process``). It
+    makes one summary row per record (per task a record reaches) and writes
+    all the task's rows at its end: one file per table partition (and one
+    rejects file), named
+    ``merged-<digest of the names of the records it holds>`` (a record's
+    ``name`` digests its content and headers). Each file lists its records'
+    names in its Parquet metadata (``warehouse.INPUTS_KEY``), and a record a
+    file of the partition already holds under another name (a message
+    published twice, or a batch redone in other tasks) is not written again;
+    a batch redone alike makes the same names and replaces its files."""
     def write(batches):
         import pyarrow as pa
         import pyarrow.compute as pc
 
         from spot_ingest import pipeline as registry
         from spot_ingest.store import open_store
-        from spot_ingest.warehouse import TableWriter
+        from spot_ingest.warehouse import MERGED_PREFIX, TableWriter, held_inputs
 
         plugin = registry.load(ptype)
         store = open_store(location)
         full, rj_schema = plugin.full_schema, rejects_schema()
+        part_names = plugin.partition_schema.names
         tag = f"{prefix}-{os.getpid()}"
-        done: set[tuple] = set()
-        current, pending = None, []
+        goods, rejecteds, summaries = [], [], []
+        names_here: set[str] = set()
         out_schema = pa.schema([("msg_id", pa.string()), ("kind", pa.string()),
                                 ("rows", pa.int64()), ("rejects", pa.int64()), ("note", pa.string())])
 
         def summary(msg_id, kind, rows=0, rejects=0, note=None):
-            return pa.RecordBatch.from_pydict({"msg_id": [msg_id], "kind": [kind], "rows": [rows],
-                                               "rejects": [rejects], "note": [note]}, out_schema)
+            return {"msg_id": msg_id, "kind": kind, "rows": rows, "rejects": rejects, "note": note}
 
         def flush(record, parts):
-            if record in done:   # would overwrite this record's file with a part of it
-                raise RuntimeError(f"rows of the record at partition {record[0]} offset "
-                                   f"{record[1]} are not contiguous")
-            done.add(record)
             table = pa.Table.from_batches(parts)
             kind = table.column("kind")[0].as_py()
             name = table.column("name")[0].as_py()
             if kind == "END":      # an end-of-run marker: report, write nothing
                 return summary(table.column("marker")[0].as_py(), kind)
+            if kind == "LINES" and name in names_here:
+                # The same message twice in this batch (published again): once.
+                return summary(name, kind, note="already held")
+            names_here.add(name)
             bad = pc.is_valid(table.column("reject"))
             good, rejected = table.filter(pc.invert(bad)), table.filter(bad)
             if good.num_rows:
-                with TableWriter(store, plugin.table, f"part-{name}", plugin.schema,
-                                 plugin.partition_schema, tag) as w:
-                    for batch in good.select(full.names).cast(full).to_batches():
-                        w.write(batch)
+                goods.append(good.select(["name", *full.names]))
             if rejected.num_rows:
-                with TableWriter(store, f"{plugin.table}/rejects", f"rejects-{name}", rj_schema,
-                                 pa.schema([]), tag, data_dir=".") as w:
-                    rj = rejected.select(list(REJECT_COLUMNS)).rename_columns(
-                        rj_schema.names).cast(rj_schema)
-                    for batch in rj.to_batches():
-                        w.write(batch)
+                rejecteds.append(rejected.select(["name", *REJECT_COLUMNS]))
             if kind == "BAD":
                 return summary(f"partition {record[0]} offset {record[1]}", kind, 0, 0,
                                rejected.column("reject")[0].as_py())
             return summary(name, kind, good.num_rows, rejected.num_rows)
 
+        def not_held(table, area, keys, data_dir):
+            """The rows of records that no other file of their partition holds,
+            and the partition directory of each row."""
+            names = table.column("name")
+            if keys:
+                dirs = pc.binary_join_element_wise(
+                    *[pc.binary_join_element_wise(f"{k}=", pc.cast(table.column(k), pa.string()), "")
+                      for k in keys], "/")
+            else:
+                dirs = pa.array(["."] * table.num_rows)
+            keep = pa.array([True] * table.num_rows)
+            for rel_dir in pc.unique(dirs).to_pylist():
+                held = held_inputs(store, area, rel_dir, data_dir)
+                if held:
+                    dup = pc.and_(pc.equal(dirs, rel_dir),
+                                  pc.is_in(pc.binary_join_element_wise("part-", names, ""),
+                                           pa.array(list(held))))
+                    keep = pc.and_(keep, pc.invert(dup))
+            return table.filter(keep), dirs.filter(keep)
+
+        def write_all():
+            """One file per partition: every good row, then every rejected one."""
+            dropped, written = {}, set()
+            for rows_list, area, schema, keys, data_dir in (
+                    (goods, plugin.table, plugin.schema, part_names, "hive"),
+                    (rejecteds, f"{plugin.table}/rejects", rj_schema, [], ".")):
+                if not rows_list:
+                    continue
+                table = pa.concat_tables(rows_list)
+                inputs = sorted({f"part-{n}" for n in table.column("name").to_pylist()})
+                name = f"{MERGED_PREFIX}{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:32]}"
+                kept, dirs = not_held(table, area, keys, data_dir)
+                if keys:
+                    written.update(pc.unique(dirs).to_pylist())
+                if kept.num_rows < table.num_rows:
+                    for n, c in zip(*pc.value_counts(pc.filter(
+                            table.column("name"), pc.invert(pc.is_in(
+                                table.column("name"), kept.column("name"))))).flatten()):
+                        dropped[n.as_py()] = dropped.get(n.as_py(), 0) + c.as_py()
+                if not kept.num_rows:
+                    continue
+                if keys:
+                    data = kept.select(full.names).cast(full)
+                    with TableWriter(store, area, name, schema, plugin.partition_schema, tag,
+                                     inputs=inputs) as w:
+                        for batch in data.to_batches():
+                            w.write(batch)
+                else:
+                    data = kept.select(list(REJECT_COLUMNS)).rename_columns(
+                        schema.names).cast(schema)
+                    with TableWriter(store, area, name, schema, pa.schema([]), tag,
+                                     data_dir=".", inputs=inputs) as w:
+                        for batch in data.to_batches():
+                            w.write(batch)
+            return dropped, written
+
+        # A record's rows, gathered: the shuffle that gives each table
+        # partition one task may interleave records.
+        pieces: dict[tuple, list] = {}
         for batch in batches:
             n = batch.num_rows
             if n == 0:
@@ -259,18 +318,23 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
                 pc.not_equal(parts.slice(1), parts.slice(0, n - 1)))).to_pylist() if n > 1 else []
             change = [0] + [i + 1 for i in edges] + [n]
             for lo, hi in zip(change, change[1:]):
-                if hi <= lo:
-                    continue
-                piece = batch.slice(lo, hi - lo)
-                record = (piece.column("kafka_partition")[0].as_py(),
-                          piece.column("kafka_offset")[0].as_py())
-                if record != current and pending:
-                    yield flush(current, pending)
-                    pending = []
-                current = record
-                pending.append(piece)
-        if pending:
-            yield flush(current, pending)
+                if hi > lo:
+                    piece = batch.slice(lo, hi - lo)
+                    record = (piece.column("kafka_partition")[0].as_py(),
+                              piece.column("kafka_offset")[0].as_py())
+                    pieces.setdefault(record, []).append(piece)
+        for record, parts_of_record in pieces.items():
+            summaries.append(flush(record, parts_of_record))
+        dropped, written = write_all()
+        for item in summaries:
+            if item["kind"] == "LINES" and item["msg_id"] in dropped:
+                # Held by an earlier file already (published twice): not counted again.
+                item["note"] = "already held"
+                item["rows"] = item["rejects"] = 0
+        # The table partitions written, for the catalog.
+        summaries += [summary(d, "PARTITION") for d in sorted(written)]
+        if summaries:
+            yield pa.RecordBatch.from_pylist(summaries, out_schema)
     return write
 
 
@@ -396,6 +460,11 @@ def spark_session(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int, code
             continue   # in local mode the driver is the executor
         if _setting(cfg, key):
             builder = builder.config(prop, _setting(cfg, key))
+    if cfg.catalog.type == "spark":
+        # The catalog registers through this session (spot_ingest.metastore).
+        builder = builder.config("spark.sql.catalogImplementation", "hive")
+        for key, value in cfg.catalog.conf:
+            builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     spark.sparkContext.addPyFile(code_zip)
@@ -549,13 +618,16 @@ def run(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
         identity.forget()
     with CodeArchive() as code_zip:
         spark = spark_session(cfg, pcfg, partitions, code_zip)
+        registrar = start_registrar(cfg, plugin.table, spark)
         try:
             return _run(cfg, pcfg, plugin, partitions, run_id, spark, checkpoint, root, trigger,
-                        identity)
+                        identity, registrar)
         except StreamConfigError as exc:
             log.error("%s", exc)
             return ExitCode.CONFIG
         finally:
+            if registrar is not None:
+                registrar.close()
             spark.stop()
 
 
@@ -563,14 +635,47 @@ def process(records, plugin: registry.RecordPipeline, store: StoreLocation,
             prefix: str) -> list:
     """Steps 2 to 5 on one batch of records: the writer's summary rows."""
     write = writer(plugin.type, store, prefix)
-    return rows(records, plugin).mapInArrow(write, SUMMARY).collect()
+    # Each table partition's rows to one task: one file per partition per
+    # batch, while different hours (a backlog) are still written in parallel.
+    from pyspark.sql import functions as F
+    parsed = rows(records, plugin)
+    # A table partition's rows to one task; a message's rejected lines to one
+    # task (the rejects table is one folder): each file is then written by
+    # one task of the batch. More tasks than cores, so that fewer hours share
+    # a task when a backlog spans several.
+    route = F.when(F.col("reject").isNull(),
+                   F.concat_ws("/", *[F.col(k).cast("string")
+                                      for k in plugin.partition_schema.names])) \
+        .otherwise(F.concat(F.lit("rejects|"), F.col("name")))
+    tasks = 2 * records.sparkSession.sparkContext.defaultParallelism
+    return parsed.repartition(tasks, route).mapInArrow(write, SUMMARY).collect()
+
+
+def warm_up(spark, ptype: str, location: StoreLocation) -> None:
+    """Start the Python workers and import what the writer needs, before the
+    query: otherwise the first batches pay it (seconds) in their latency.
+    It also opens the store from a task, as the writer will."""
+    def warm(batches):
+        import pyarrow as pa
+
+        from spot_ingest import pipeline as registry
+        from spot_ingest import warehouse  # noqa: F401  (imported for the writer)
+        from spot_ingest.store import open_store
+        registry.load(ptype)
+        open_store(location)
+        for _ in batches:
+            pass
+        yield pa.RecordBatch.from_pydict({"ok": [1]})
+    slots = spark.sparkContext.defaultParallelism
+    spark.range(slots, numPartitions=slots).mapInArrow(warm, "ok long").collect()
 
 
 def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipeline,
          partitions: int, run_id: str | None, spark, checkpoint: Path, root: Path,
-         trigger: float, identity: TopicIdentity) -> int:
+         trigger: float, identity: TopicIdentity, registrar: Registrar | None = None) -> int:
     stream = _kafka_stream(spark, cfg, pcfg)
     prefix = f"{pcfg.name}-spark"
+    warm_up(spark, plugin.type, cfg.store)
     totals = _Totals()
 
     def sink(batch, batch_id):
@@ -591,7 +696,14 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
         markers = {int(r.msg_id.split("|")[2]) for r in summary
                    if r.kind == "END" and r.msg_id.startswith(f"END|{run_id}|")} if run_id else set()
         written = [r for r in summary if r.kind == "LINES"]
+        messages = len({r.msg_id for r in written})   # a message over two hours: two rows
+        if registrar is not None:   # the rows are in place: register their partitions
+            registrar.written(plugin.table, {r.msg_id for r in summary if r.kind == "PARTITION"})
         refused = [r for r in summary if r.kind == "BAD"]
+        held = sum(1 for r in written if r.note == "already held")
+        if held:
+            log.info("batch %d: %d message(s) already in the table (published again): not "
+                     "written again", batch_id, held)
         for r in refused[:20]:
             log.warning("rejected the message at %s: %s", r.msg_id, printable(r.note or ""))
         n_rows, n_rejects = sum(r.rows for r in written), sum(r.rejects for r in written)
@@ -604,7 +716,7 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
             identity.remember()
         log.info("batch %d: %d message(s), %d rows, %d rejected line(s), %d rejected message(s) "
                  "in %.1f s; totals: %d rows, %d rejects, %d rejected message(s)", batch_id,
-                 len(written), n_rows, n_rejects, len(refused), time.monotonic() - started,
+                 messages, n_rows, n_rejects, len(refused), time.monotonic() - started,
                  totals.rows, totals.rejects, totals.bad)
 
     query = (stream.writeStream.foreachBatch(sink).queryName(f"spot-ingest-{pcfg.name}")

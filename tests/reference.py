@@ -218,3 +218,22 @@ def squid_reference_row(line: str) -> dict:
     row.update(y=when.strftime("%Y"), m=when.strftime("%m"), d=when.strftime("%d"),
                h=when.strftime("%H"))
     return row
+
+
+def files_holding(root, input_name: str) -> list:
+    """Table files under ``root`` that hold the input (or message) named
+    ``input_name``: by their metadata list (warehouse.INPUTS_KEY), else their own name."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from spot_ingest.warehouse import INPUTS_KEY
+    found = []
+    for f in sorted(Path(root).rglob("*.parquet")):
+        if "_tmp" in f.parts:
+            continue
+        meta = pq.read_metadata(f).metadata or {}
+        inputs = json.loads(meta[INPUTS_KEY]) if INPUTS_KEY in meta else [f.stem]
+        if input_name in inputs:
+            found.append(f)
+    return found

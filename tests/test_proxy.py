@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,53 @@ def test_new_file_reusing_the_inode_is_published_from_its_start(tmp_path):
         f.truncate(0)
         f.write("\n".join(new) + "\n")
     assert _lines_of(line_protocol.cut(path, "reuse.log", 900_000, PROXY, state_dir=state)) == new
+
+
+def test_one_file_per_batch_and_partition_and_a_message_published_again_is_not_doubled(
+        make_env, tmp_path):
+    from kafka import KafkaProducer
+    from spot_ingest.bus import ensure_topic
+    from spot_ingest.config import KafkaConfig
+
+    env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
+    kafka = KafkaConfig(env.data["kafka"]["kafka_server"], int(env.data["kafka"]["kafka_port"]))
+    ensure_topic(kafka, env.topic, 2)
+    lines = list(log_lines(3000, ORIGINAL_FIELDS, seed=21, start=1795248000))
+    log = tmp_path / "a.log"
+    log.write_text("\n".join(lines) + "\n")
+    messages = [m for m in line_protocol.cut(log, "a.log", 40_000, PROXY) if isinstance(m, Message)]
+    assert len(messages) >= 10
+    expected = sorted(map(proxy_key, proxy_reference_rows(lines, ORIGINAL_FIELDS)))
+
+    def publish(items, run):
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=0)
+        for i, m in enumerate(items):
+            producer.send(env.topic, m.value, partition=i % 2, headers=m.headers).get(30)
+        marker = line_protocol.end_of_run(run)
+        for p in (0, 1):
+            producer.send(env.topic, marker.value, partition=p, headers=marker.headers).get(30)
+        producer.close()
+
+    def job(run):
+        done = subprocess.run([sys.executable, "-m", "spot_ingest.cli", "stream", "-t",
+                               env.pipeline, "-c", str(env.config), "--partitions", "2",
+                               "--run-id", run], capture_output=True, text=True, timeout=600,
+                              cwd=REPO)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    # The first message twice in the first batch, and again in a later one.
+    publish(messages + messages[:1], "0000000a")
+    out = job("0000000a")
+    assert sorted(map(proxy_key, proxy_table_rows(env.hive))) == expected
+    batches = len(re.findall(r"spot_ingest.streaming: batch \d+: [1-9]", out))
+    files = {}
+    for f in env.hive.rglob("*.parquet"):
+        files.setdefault(f.parent, []).append(f)
+    assert files and all(len(v) <= batches for v in files.values()), (files, batches)
+    assert sum(len(v) for v in files.values()) < len(messages)
+
+    publish(messages[:1], "0000000b")
+    out = job("0000000b")
+    assert "1 message(s) already in the table (published again)" in out
+    assert sorted(map(proxy_key, proxy_table_rows(env.hive))) == expected
