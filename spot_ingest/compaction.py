@@ -53,7 +53,9 @@ log = logging.getLogger("spot_ingest.compaction")
 DEFAULT_OLDER_THAN = 2 * 3600.0
 DEFAULT_TARGET_SIZE = 256 << 20
 CODECS = ("zstd", "snappy")
-MERGED_ROW_GROUP_ROWS = 1 << 20
+# Row groups of a merged file: enough of them for engines to read in parallel
+# and to skip by min/max statistics on the sort column.
+MERGED_ROW_GROUP_ROWS = 128 * 1024
 # Test hook: seconds to pause after each step, so that a test can kill a
 # compaction at every step (tests/test_compaction.py). Unset in production.
 STEP_DELAY_ENV = "SPOT_INGEST_COMPACT_STEP_DELAY"
