@@ -138,8 +138,10 @@ def test_metastore_down_during_ingest_rows_land_and_registration_catches_up(make
     hms.start()
     wait_for(lambda: hms.partitions(db, "dns") == set(expected), 180,
              "registration caught up after the metastore came back")
-    log = env.log(worker.log_path.name)
-    assert "answers again after" in log and "registration caught up" in log
+    # The worker logs the catch-up right after the metastore answered it.
+    wait_for(lambda: "registration caught up" in env.log(worker.log_path.name), 60,
+             "the catch-up logged")
+    assert "answers again after" in env.log(worker.log_path.name)
     seen = analyst_counts(hms, {"dns": f"{db}.dns"}, tmp_path / "analyst")
     assert seen == {"dns": expected}
     env.stop_all()
