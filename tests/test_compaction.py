@@ -157,10 +157,10 @@ def test_compaction_killed_at_random_points_never_shows_readers_wrong_rows(make_
             proc = subprocess.Popen([sys.executable, "-m", "spot_ingest.cli", "compact", "-t",
                                      env.pipeline, "-c", str(env.config), "--older-than", "0"],
                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={**os.environ, STEP_DELAY_ENV: "0.25"},
+                                    env={**os.environ, STEP_DELAY_ENV: "0.5"},
                                     start_new_session=True)
             try:
-                proc.wait(timeout=rng.uniform(0.6, 2.6))
+                proc.wait(timeout=rng.uniform(1.0, 3.2))
             except subprocess.TimeoutExpired:
                 kill_group(proc.pid)
                 proc.wait()
