@@ -165,7 +165,7 @@ def catalog_main(argv=None) -> int:
 
 
 def compact_main(argv=None) -> int:
-    from .compaction import (CODECS, DEFAULT_TARGET_SIZE, compact,
+    from .compaction import (CODECS, DEFAULT_TARGET_SIZE, CompactionLocked, compact,
                              parse_duration, parse_size)
     from .store import StoreError
     parser = argparse.ArgumentParser(prog="spot-ingest compact", description=
@@ -192,13 +192,18 @@ def compact_main(argv=None) -> int:
     try:
         summary = compact(cfg, args.type, older_than or 0.0, target or DEFAULT_TARGET_SIZE,
                           args.codec, not args.no_sort)
-    except StoreError as exc:
+    except CompactionLocked as exc:
+        log.error("%s", exc)
+        return ExitCode.ERROR
+    except (StoreError, OSError) as exc:
         log.error("compaction of %s stopped: %s (run it again; nothing is lost)", args.type, exc)
         return ExitCode.ERROR
     print(f"{args.type}: compacted {summary.partitions} partition(s): {summary.files_in} files "
           f"({summary.bytes_in} bytes) -> {summary.files_out} files ({summary.bytes_out} bytes), "
           f"{summary.rows} rows; {summary.skipped_open} partition(s) not closed yet"
           + (f"; settled {summary.settled} stopped compaction(s)" if summary.settled else "")
+          + (f"; dropped {summary.duplicates} file(s) whose rows a merged file held"
+             if summary.duplicates else "")
           + (f"; {len(summary.failed)} partition(s) failed" if summary.failed else ""))
     return ExitCode.ERROR if summary.failed else ExitCode.OK
 

@@ -180,7 +180,7 @@ class StoreLocation:
 
 CATALOG_TYPES = ("none", "hive-metastore", "spark", "hiveserver2")
 CATALOG_KEYS = ("type", "uri", "url", "user", "password_file", "beeline", "conf", "timeout",
-                "batch_seconds")
+                "batch_seconds", "kerberos_principal")
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,16 @@ class CatalogConfig:
     conf: tuple[tuple[str, str], ...] = ()   # spark: session settings (e.g. the metastore URIs)
     timeout: float = 30.0            # seconds for one catalog call
     batch_seconds: float = 5.0       # partitions written within this time are registered together
+    # hive-metastore with Kerberos (SASL GSSAPI): the metastore's service
+    # principal, as hive.metastore.kerberos.principal ("hive/_HOST@REALM";
+    # _HOST is the host of the URI connected to). The ticket is that of the
+    # hdfs section's keytab login: ``kerberos`` is its KerberosSettings and
+    # ``kerberos_state_dir`` where the HDFS store keeps its credential cache
+    # (the same file, so one login serves both), copied here so that the
+    # catalog opens from this section alone.
+    kerberos_principal: str | None = None
+    kerberos: Any = None
+    kerberos_state_dir: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -463,7 +473,7 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
                                       empty_is_default=True),
         signing_key_file=_signing_key_file(top, base_dir),
         hdfs=hdfs,
-        catalog=_catalog_config(top, base_dir),
+        catalog=_catalog_config(top, base_dir, hdfs),
     )
 
     return cfg
@@ -730,8 +740,10 @@ def _hdfs_config(top: _Reader, base_dir: Path) -> HdfsConfig | None:
         scratch_max_bytes=section.get("scratch_max_bytes", "pos_int", None))
 
 
-def _catalog_config(top: _Reader, base_dir: Path) -> CatalogConfig:
-    """The optional ``catalog`` section; every key checked, each mistake one line."""
+def _catalog_config(top: _Reader, base_dir: Path, hdfs: HdfsConfig | None = None
+                    ) -> CatalogConfig:
+    """The optional ``catalog`` section; every key checked, each mistake one
+    line. ``hdfs`` (the hdfs section) gives ``kerberos_principal`` its login."""
     if not top.has("catalog") or top.data["catalog"] in (None, {}):
         return CatalogConfig()
     section = top.section("catalog")
@@ -741,9 +753,11 @@ def _catalog_config(top: _Reader, base_dir: Path) -> CatalogConfig:
     kind = section.get("type", "str", "none")
     if kind not in CATALOG_TYPES:
         raise section.error("type", f"'{kind}' is not one of {', '.join(CATALOG_TYPES)}")
-    # A Kerberized metastore is reached through "spark" or "hiveserver2" (with
-    # principal=... in the URL): both use the site's own Kerberos client.
-    allowed = {"none": ("type",), "hive-metastore": ("type", "uri", "timeout", "batch_seconds"),
+    # A Kerberized metastore: "hive-metastore" with kerberos_principal (the
+    # hdfs section's keytab login), or "spark" / "hiveserver2" (principal=...
+    # in the URL) with the site's own Kerberos client.
+    allowed = {"none": ("type",), "hive-metastore": ("type", "uri", "timeout", "batch_seconds",
+                                                     "kerberos_principal"),
                "spark": ("type", "conf", "timeout", "batch_seconds"),
                "hiveserver2": ("type", "url", "user", "password_file", "beeline", "timeout",
                                "batch_seconds")}[kind]
@@ -766,6 +780,7 @@ def _catalog_config(top: _Reader, base_dir: Path) -> CatalogConfig:
                                            f"hive.metastore.uris, e.g. thrift://metastore:9083)")
             found.append(uri)
         uris = tuple(found)
+    principal = _metastore_principal(section, hdfs) if kind == "hive-metastore" else None
     url = None
     password_file = None
     if kind == "hiveserver2":
@@ -791,7 +806,32 @@ def _catalog_config(top: _Reader, base_dir: Path) -> CatalogConfig:
         password_file=password_file,
         beeline=section.get("beeline", "str", None, empty_is_default=True),
         conf=conf, timeout=section.get("timeout", "pos_num", 30.0),
-        batch_seconds=section.get("batch_seconds", "nonneg_num", 5.0))
+        batch_seconds=section.get("batch_seconds", "nonneg_num", 5.0),
+        kerberos_principal=principal,
+        kerberos=hdfs.kerberos if principal else None,
+        kerberos_state_dir=hdfs.scratch_dir / "kerberos" if principal else None)
+
+
+def _metastore_principal(section: _Reader, hdfs: HdfsConfig | None) -> str | None:
+    """``catalog.kerberos_principal``: checked, and usable only with the
+    hdfs section's Kerberos login (whose ticket authenticates)."""
+    principal = section.get("kerberos_principal", "str", None, empty_is_default=True)
+    if principal is None:
+        return None
+    if not re.fullmatch(r"[^\s@/]+/[^\s@/]+@[^\s@/]+", principal):
+        raise section.error("kerberos_principal", f"'{principal}' is not a service principal "
+                                                  f"such as hive/_HOST@EXAMPLE.COM (the "
+                                                  f"metastore's hive.metastore.kerberos.principal)")
+    if hdfs is None or hdfs.kerberos is None:
+        raise section.error("kerberos_principal", "needs the hdfs section with kerberos (its "
+                                                  "keytab login authenticates to the metastore); "
+                                                  "add hdfs.kerberos or remove this key")
+    import importlib.util
+    if importlib.util.find_spec("gssapi") is None:
+        raise section.error("kerberos_principal", "Kerberos to the metastore needs the Python "
+                                                  "package gssapi (pip install "
+                                                  "'spot-ingest[kerberos]')")
+    return principal
 
 
 def _kerberos_settings(hdfs: _Reader, base_dir: Path):

@@ -507,13 +507,36 @@ class HdfsStore:
         if not self._rename(source, target, replace=False):
             raise StoreError(f"cannot move {self.where(source)} to {target}: it exists")
 
-    def exchange(self, area: str, a: str, b: str) -> bool:
-        """WebHDFS has no atomic swap: three renames (see ``Store``)."""
+    def create(self, area: str, relative: str, data: bytes) -> bool:
+        """Write ``data`` to a new file; False (nothing written) if a file of
+        that name exists (HDFS create without overwrite: one creator wins)."""
+        from hdfs.util import HdfsError
+        path = self._path(area, relative)
+        self._makedirs(str(PurePosixPath(path).parent))
+
+        def create():
+            try:
+                self.client.write(path, data=data, overwrite=False)
+                return True
+            except HdfsError as exc:
+                if exc.exception == "FileAlreadyExistsException":
+                    return False
+                raise
+        return self._call("create", path, create)
+
+    def exchange(self, area: str, a: str, b: str, step=None) -> bool:
+        """WebHDFS has no atomic swap: three renames (see ``Store``); between
+        the first two, readers find ``b`` missing. A ``b`` re-created by a
+        writer meanwhile makes the second fail (``_rename`` refuses to move a
+        folder onto a folder); ``compaction.settle`` then finishes."""
         first, second = self._path(area, a), self._path(area, b)
         spare = first + ".swap"
-        for src, dest in ((second, spare), (first, second), (spare, first)):
+        for src, dest, name in ((second, spare, "exchange-1"), (first, second, "exchange-2"),
+                                (spare, first, "exchange-3")):
             if not self._rename(src, dest, replace=False):
                 raise StoreError(f"cannot move {self.where(src)} to {dest}: it exists")
+            if step is not None:
+                step(name)
         return False
 
     def list(self, area: str, suffix: str = "") -> list[str]:

@@ -4,6 +4,8 @@ A ``Catalog`` is where Hive, Impala and Spark look up ``dbname.<table>``:
 
 * ``MetastoreCatalog``: a Hive metastore over Thrift (``catalog.type``
   "hive-metastore"), through the generated client that ``pymetastore`` ships;
+  with ``catalog.kerberos_principal``, authenticated with SASL GSSAPI
+  (``spot_ingest.thrift_sasl``) by the hdfs section's keytab login;
 * ``SparkCatalog``: a Spark SQL session with Hive support ("spark"), for
   sites that allow only that;
 * ``BeelineCatalog``: HiveServer2 through ``beeline`` ("hiveserver2"), for
@@ -76,31 +78,86 @@ class Catalog(Protocol):
 
 # -- a Hive metastore over Thrift ---------------------------------------------
 
+def service_principal(pattern: str, host: str) -> str:
+    """The metastore's principal on ``host``: ``_HOST`` in ``pattern``
+    replaced by the host name in lower case, as Hadoop's SecurityUtil does."""
+    service, _, rest = pattern.partition("/")
+    instance, _, realm = rest.partition("@")
+    if instance == "_HOST":
+        instance = host.lower()
+    return f"{service}/{instance}@{realm}" if realm else f"{service}/{instance}"
+
+
 class MetastoreCatalog:
+    """A Hive metastore over Thrift, the URIs tried in order. With
+    ``config.kerberos_principal`` the connection authenticates with SASL
+    GSSAPI: the ticket is that of a ``KeytabLogin`` over the hdfs section's
+    settings and credential cache directory, i.e. the same cache file as
+    the HDFS store's login in this process (``ensure()`` before each
+    connection renews it when due). ``close()`` leaves that cache alone:
+    the store may still use it.
+
+    A metastore or KDC that cannot be reached is ``CatalogUnavailable``;
+    a refused authentication or a login that cannot work (wrong keytab,
+    unknown principal) is ``CatalogError`` naming the principal."""
+
     def __init__(self, config: CatalogConfig):
         self.config = config
         self.client = None
         self.transport = None
         self.uri = None
+        self.login = None
+        if config.kerberos_principal:
+            from .kerberos import KeytabLogin
+            self.login = KeytabLogin(config.kerberos, config.kerberos_state_dir)
+
+    def _ticket_cache(self) -> str:
+        """The login's cache, with a ticket that is not about to expire."""
+        from .kerberos import KerberosError, KerberosUnavailable
+        try:
+            self.login.ensure()
+        except KerberosUnavailable as exc:
+            raise CatalogUnavailable(f"Hive metastore {', '.join(self.config.uris)}: {exc}",
+                                     exc.retry_after) from None
+        except KerberosError as exc:
+            raise CatalogError(f"Hive metastore {', '.join(self.config.uris)}: {exc}") from None
+        return self.login.ccache_name
 
     def _connect(self):
         from pymetastore.hive_metastore import ThriftHiveMetastore
         from thrift.protocol import TBinaryProtocol
         from thrift.transport import TSocket, TTransport
-        errors = []
+
+        from .thrift_sasl import SaslError, SaslUnavailable, TSaslGssapiTransport
+        ccache = self._ticket_cache() if self.login is not None else None
+        errors, refused = [], []
         for uri in self.config.uris:
             host, port = uri.removeprefix("thrift://").rsplit(":", 1)
             sock = TSocket.TSocket(host, int(port))
             sock.setTimeout(self.config.timeout * 1000)
-            transport = TTransport.TBufferedTransport(sock)
+            if ccache is not None:
+                transport = TSaslGssapiTransport(
+                    sock, service_principal(self.config.kerberos_principal, host), ccache,
+                    f"{host}:{port}")
+            else:
+                transport = TTransport.TBufferedTransport(sock)
             try:
                 transport.open()
+            except SaslUnavailable as exc:   # the KDC, not this metastore: the next may do
+                errors.append(str(exc))
+                continue
+            except SaslError as exc:         # refused here; another may accept
+                refused.append(f"{exc} (catalog.kerberos_principal is "
+                               f"{self.config.kerberos_principal})")
+                continue
             except Exception as exc:   # TTransportException or OSError: try the next
                 errors.append(f"{uri}: {exc}")
                 continue
             self.transport, self.uri = transport, uri
             self.client = ThriftHiveMetastore.Client(TBinaryProtocol.TBinaryProtocol(transport))
             return self.client
+        if refused:
+            raise CatalogError("; ".join(refused + errors))
         raise CatalogUnavailable(f"no Hive metastore answers ({'; '.join(errors)})")
 
     def _call(self, what: str, action):
@@ -114,7 +171,13 @@ class MetastoreCatalog:
             return action(client)
         except (TTransportException, OSError, socket.timeout, EOFError) as exc:
             self.close()
-            raise CatalogUnavailable(f"Hive metastore {self.uri}: {what}: {exc}") from None
+            hint = ""
+            if (self.login is None and isinstance(exc, TTransportException)
+                    and exc.type == TTransportException.END_OF_FILE):
+                # What a metastore with hive.metastore.sasl.enabled does to a plain client.
+                hint = (" (if the metastore requires Kerberos, set catalog.kerberos_principal "
+                        "to its hive.metastore.kerberos.principal)")
+            raise CatalogUnavailable(f"Hive metastore {self.uri}: {what}: {exc}{hint}") from None
         except (MetaException, TApplicationException) as exc:
             raise CatalogError(f"Hive metastore {self.uri}: {what}: "
                                f"{getattr(exc, 'message', None) or exc}") from None

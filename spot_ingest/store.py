@@ -225,6 +225,9 @@ def set_aside(dest_dir: Path, name: str, data: bytes | Path, reason: str) -> Pat
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+# Test hook: use the three-rename swap even where renameat2 works, to test
+# it on any machine (tests/test_compaction.py). Unset in production.
+_NO_EXCHANGE = bool(os.environ.get("SPOT_INGEST_NO_RENAME_EXCHANGE"))
 
 
 def _rename_exchange(a: Path, b: Path) -> bool:
@@ -290,10 +293,15 @@ class Store(Protocol):
       store root (a table).
     * Compaction (``spot_ingest.compaction``) also uses ``delete()`` (a file
       or a folder with its content), ``rename()`` (within an area, never over
-      an existing name) and ``exchange(area, a, b)``, which swaps two folders:
-      atomically where the file system can (Linux ``renameat2`` with
-      RENAME_EXCHANGE; returns True), else by three renames (False): a reader
-      may then find ``b`` missing for the moment between two of them.
+      an existing name), ``create(area, relative, data)`` (a small file, only
+      if no file has that name: its lock) and ``exchange(area, a, b)``, which
+      swaps two folders: atomically where the file system can (Linux
+      ``renameat2`` with RENAME_EXCHANGE; returns True), else by three renames
+      ``b -> a.swap``, ``a -> b``, ``a.swap -> a`` (False): a reader may then
+      find ``b`` missing for the moment between the first two, and a process
+      killed between them leaves ``a.swap`` (``compaction.settle`` finishes
+      the swap). ``step``, if given, is called after each of those renames
+      (a test hook).
     * ``table_root()`` is where Spark keeps a table's streaming checkpoint.
     * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
       killed masters of this host; staged files past retention whose rows are
@@ -326,7 +334,8 @@ class Store(Protocol):
     def delete(self, area: str, relative: str) -> None: ...
     def exists(self, area: str, relative: str) -> bool: ...
     def rename(self, area: str, src: str, dest: str) -> None: ...
-    def exchange(self, area: str, a: str, b: str) -> bool: ...
+    def create(self, area: str, relative: str, data: bytes) -> bool: ...
+    def exchange(self, area: str, a: str, b: str, step=None) -> bool: ...
     def clean_incoming(self, ptype: str) -> int: ...
     def mark_loaded(self, ptype: str, sha256: str) -> None: ...
     def expire_staged(self, ptype: str, older_than_days: float,
@@ -595,17 +604,38 @@ class LocalStore(Store):
         os.rename(source, target)
         _fsync_dir(target.parent)
 
-    def exchange(self, area: str, a: str, b: str) -> bool:
+    def create(self, area: str, relative: str, data: bytes) -> bool:
+        """Write ``data`` to a new file, durably; False (nothing written) if
+        a file of that name exists (O_EXCL: of two creators, one wins)."""
+        path = self.root / area / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def exchange(self, area: str, a: str, b: str, step=None) -> bool:
+        """Swap folders ``a`` and ``b`` (see ``Store``): True when atomic."""
         first, second = self.root / area / a, self.root / area / b
-        if _rename_exchange(first, second):
+        if not _NO_EXCHANGE and _rename_exchange(first, second):
             _fsync_dir(first.parent)
             _fsync_dir(second.parent)
             return True
-        # No atomic swap here (NFS, some FUSE mounts): three renames.
+        # No atomic swap here (NFS, some FUSE mounts): three renames. If a
+        # writer re-creates ``b`` between the first two, the second fails
+        # (ENOTEMPTY) and compaction.settle puts both sides together.
         spare = first.with_name(first.name + ".swap")
-        os.rename(second, spare)
-        os.rename(first, second)
-        os.rename(spare, first)
+        for src, dest, name in ((second, spare, "exchange-1"), (first, second, "exchange-2"),
+                                (spare, first, "exchange-3")):
+            os.rename(src, dest)
+            if step is not None:
+                step(name)
         _fsync_dir(first.parent)
         _fsync_dir(second.parent)
         return False

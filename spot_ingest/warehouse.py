@@ -28,8 +28,11 @@ import pyarrow.parquet as pq
 from .store import Store
 
 ROW_GROUP_ROWS = 256 * 1024
-# Parquet key-value metadata: JSON list of the input names a file holds.
+# Parquet key-value metadata: JSON list (sorted) of the input names (file
+# stems such as "part-<sha32>") whose rows a file holds.
 INPUTS_KEY = b"spot_ingest.inputs"
+# A file that lists its inputs is named merged-*: held_inputs() reads the
+# footers of those only, not of every file of a partition.
 MERGED_PREFIX = "merged-"
 BUFFER_LIMIT_BYTES = 128 << 20
 
@@ -79,9 +82,11 @@ _footers: dict[tuple, list[str]] = {}
 
 def held_inputs(store: Store, area: str, rel_dir: str, data_dir: str = "hive"
                 ) -> dict[str, str]:
-    """input name -> file name, for each file of the partition that holds
-    several inputs (``merged-*``). Only footers are read, once per file and
-    size in this process."""
+    """input name -> file name (relative to the partition folder
+    ``<area>/<data_dir>/<rel_dir>``), for each file of the partition that
+    lists its inputs (``INPUTS_KEY``; such files are named ``merged-*``).
+    Only footers are read (``Store.read_tail``), once per file and size in
+    this process. A file that vanished since it was listed is left out."""
     folder = "/".join(p for p in (area, data_dir, rel_dir) if p and p != ".")
     held = {}
     for name, size, _ in store.details(folder, ".parquet"):
@@ -115,7 +120,13 @@ class TableWriter:
     of ``store``. As a ``with`` block: commit when the block ends normally,
     abort (nothing visible) when it raises. ``tmp_prefix`` names this
     writer's process, so that ``remove_stale_temporaries`` finds what a
-    killed one left."""
+    killed one left.
+
+    ``inputs``: the names of the inputs whose rows this file holds (several,
+    for a ``merged-*`` file); every file written then carries them, sorted,
+    as JSON under ``INPUTS_KEY``. Without it the file holds the input
+    ``name``. ``commit`` writes nothing into a partition where another file
+    already holds all of them (see ``commit``)."""
 
     def __init__(self, store: Store, area: str, name: str, schema: pa.Schema,
                  partition_schema: pa.Schema, tmp_prefix: str, data_dir: str = "hive",
@@ -189,8 +200,29 @@ class TableWriter:
         elif self.partitions:
             self.commit()
 
+    def _holder(self, rel_dir: str) -> str | None:
+        """The file of the partition, other than this writer's own, that holds
+        every input of this one (the same names are the same checksums,
+        hence the same rows); None if there is none."""
+        mine = f"{self.name}.parquet"
+        held = held_inputs(self.store, self.area, rel_dir, self.data_dir)
+        holders = {held.get(i) for i in (self.inputs or [self.name])}
+        if len(holders) == 1 and None not in holders and mine not in holders:
+            return holders.pop()
+        return None
+
     def commit(self) -> dict[str, int]:
-        """Make every partition file visible; return rows per partition dir."""
+        """Make every partition file visible; return rows per partition dir.
+
+        A partition where another file (a ``merged-*`` file of a compaction)
+        already holds this writer's inputs gets nothing: the file is dropped,
+        a file of this name left there by an earlier run is removed, and the
+        partition is reported in ``already_held`` (partition dir -> holder)
+        instead of in the result. The check runs before and again after the
+        file is made visible: a compaction swapping the partition in between
+        is seen by one of the two, as compaction checks after its own swap
+        (a reader may see this file's rows twice only for the moment
+        between its rename and its removal)."""
         for part in self.partitions.values():
             self._flush(part)
             part.writer.close()
@@ -198,17 +230,15 @@ class TableWriter:
         result = {}
         for part in self.partitions.values():
             final = "/".join(p for p in (self.data_dir, part.rel_dir) if p and p != ".")
-            # Compaction and this writer each check after their own step, so
-            # whichever comes second sees the other's file: never doubled.
-            holder = held_inputs(self.store, self.area, part.rel_dir, self.data_dir).get(self.name)
-            if holder is not None:
-                self.store.discard_aside(self.area, part.tmp_name)
-                self.already_held[part.rel_dir] = holder
-                continue
             target = f"{final}/{self.name}.parquet" if final else f"{self.name}.parquet"
-            self.store.make_visible(self.area, part.tmp_name, target)
-            holder = held_inputs(self.store, self.area, part.rel_dir, self.data_dir).get(self.name)
-            if holder is not None:      # a compaction swapped the partition meanwhile
+            holder = self._holder(part.rel_dir)
+            if holder is None:
+                self.store.make_visible(self.area, part.tmp_name, target)
+                holder = self._holder(part.rel_dir)     # a compaction swapped meanwhile?
+            else:
+                self.store.discard_aside(self.area, part.tmp_name)
+            if holder is not None:
+                # Also what a run killed between its rename and this check left.
                 self.store.delete(self.area, target)
                 self.already_held[part.rel_dir] = holder
                 continue

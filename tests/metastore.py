@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyspark
@@ -51,9 +52,30 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Pat
         time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class MetastoreKerberos:
+    """What a Kerberized metastore needs: its service principal and keytab,
+    the realm's krb5.conf (for its JVM), and a client ticket cache
+    (``FILE:...``) that ``client()`` and the readiness check authenticate with."""
+    principal: str          # hive/127.0.0.1@SPOT.TEST
+    keytab: Path
+    krb5_conf: Path
+    client_ccache: str
+
+
+def _site(settings: dict[str, str]) -> str:
+    return ("<configuration>\n" + "".join(
+        f"  <property><name>{k}</name><value>{v}</value></property>\n"
+        for k, v in settings.items()) + "</configuration>\n")
+
+
 class HiveMetastore:
-    def __init__(self, root: Path):
+    """The metastore server; with ``kerberos``, it requires SASL GSSAPI
+    (``hive.metastore.sasl.enabled``) and logs in with the given keytab."""
+
+    def __init__(self, root: Path, kerberos: MetastoreKerberos | None = None):
         self.root = root
+        self.kerberos = kerberos
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -66,36 +88,64 @@ class HiveMetastore:
             "hive.metastore.schema.verification": "false",
             "hive.metastore.warehouse.dir": f"file://{root}/warehouse",
         }
-        (conf / "hive-site.xml").write_text(
-            "<configuration>\n" + "".join(
-                f"  <property><name>{k}</name><value>{v}</value></property>\n"
-                for k, v in settings.items()) + "</configuration>\n")
+        if kerberos is not None:
+            settings.update({
+                "hive.metastore.sasl.enabled": "true",
+                "hive.metastore.kerberos.keytab.file": str(kerberos.keytab),
+                "hive.metastore.kerberos.principal": kerberos.principal,
+            })
+            # Hadoop's UserGroupInformation reads this from core-site.xml on the class path.
+            (conf / "core-site.xml").write_text(_site({
+                "hadoop.security.authentication": "kerberos"}))
+        (conf / "hive-site.xml").write_text(_site(settings))
 
     @property
     def uri(self) -> str:
         return f"thrift://127.0.0.1:{self.port}"
+
+    def hive_log(self) -> str:
+        """Hive's log of a Kerberized metastore (audit lines: ``ugi=<user> ... cmd=...``)."""
+        found = sorted((self.root / "tmp").glob("*/hive.log"))
+        return found[0].read_text(errors="replace") if found else ""
 
     def start(self) -> "HiveMetastore":
         if not DISRUPTOR.is_file():
             raise RuntimeError(f"{DISRUPTOR} is missing: apt-get install libdisruptor-java "
                                f"(scripts/setup.sh --test installs it)")
         log = self.root / "metastore.log"
+        jvm = ["-Xmx512m"]
+        if self.kerberos is not None:
+            # Hive's own log (with the audit lines naming the authenticated
+            # user) goes to <java.io.tmpdir>/<user>/hive.log: this one's own.
+            jvm += [f"-Djava.security.krb5.conf={self.kerberos.krb5_conf}",
+                    f"-Djava.io.tmpdir={self.root / 'tmp'}"]
+            (self.root / "tmp").mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            ["java", "-Xmx512m", "-cp", f"{self.root / 'conf'}:{SPARK_HOME}/jars/*:{DISRUPTOR}",
+            ["java", *jvm, "-cp", f"{self.root / 'conf'}:{SPARK_HOME}/jars/*:{DISRUPTOR}",
              "org.apache.hadoop.hive.metastore.HiveMetaStore", "-p", str(self.port)],
             cwd=self.root, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
         _wait(self.answers, 120, "the Hive metastore", self.proc, log)
         return self
 
-    def client(self):
-        """A Thrift client of the metastore (the caller closes ``._transport``)."""
+    def client(self, sasl: bool | None = None, principal: str | None = None):
+        """A Thrift client of the metastore (the caller closes ``._transport``):
+        with SASL GSSAPI (``spot_ingest.thrift_sasl``, the ticket of
+        ``kerberos.client_ccache``, for ``principal``, default the
+        metastore's) when the metastore is Kerberized, unless ``sasl`` is False."""
         from pymetastore.hive_metastore import ThriftHiveMetastore
         from thrift.protocol import TBinaryProtocol
         from thrift.transport import TSocket, TTransport
         sock = TSocket.TSocket("127.0.0.1", self.port)
         sock.setTimeout(30000)
-        transport = TTransport.TBufferedTransport(sock)
+        if sasl is None:
+            sasl = self.kerberos is not None
+        if sasl:
+            from spot_ingest.thrift_sasl import TSaslGssapiTransport
+            transport = TSaslGssapiTransport(sock, principal or self.kerberos.principal,
+                                             self.kerberos.client_ccache, f"127.0.0.1:{self.port}")
+        else:
+            transport = TTransport.TBufferedTransport(sock)
         transport.open()
         client = ThriftHiveMetastore.Client(TBinaryProtocol.TBinaryProtocol(transport))
         client._transport = transport

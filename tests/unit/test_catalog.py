@@ -88,12 +88,55 @@ def test_a_quote_in_a_location_is_escaped(tmp_path):
     ({"type": "spark", "conf": {"a": ["b"]}}, "catalog.conf.a: expected a string"),
     ({"type": "spark", "batch_seconds": -1}, "catalog.batch_seconds: expected a number of 0"),
     ({"type": "spark", "kerberos": True}, "catalog.kerberos: unknown key"),
+    ({"type": "spark", "kerberos_principal": "hive/_HOST@EX.COM"},
+     "catalog.kerberos_principal: not used with type 'spark'"),
 ])
 def test_catalog_section_mistakes_are_one_line_naming_the_key(tmp_path, catalog, problem):
     from spot_ingest.config import ConfigError
     with pytest.raises(ConfigError) as err:
         config(tmp_path, catalog=catalog)
     assert problem in str(err.value) and str(tmp_path / "ingest_conf.json") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+KERBERIZED = {"type": "hive-metastore", "uri": "thrift://ms:9083",
+              "kerberos_principal": "hive/_HOST@EX.COM"}
+
+
+@pytest.mark.parametrize("hdfs, principal, problem", [
+    (None, "hive/_HOST@EX.COM", "catalog.kerberos_principal: needs the hdfs section with "
+                                "kerberos (its keytab login authenticates to the metastore)"),
+    ({"url": "http://nn:9870"}, "hive/_HOST@EX.COM", "needs the hdfs section with kerberos"),
+    ("kerberos", "hive@EX.COM", "catalog.kerberos_principal: 'hive@EX.COM' is not a service "
+                                "principal such as hive/_HOST@EXAMPLE.COM"),
+    ("kerberos", "hive/_HOST", "'hive/_HOST' is not a service principal"),
+])
+def test_metastore_kerberos_principal_needs_the_hdfs_login_and_a_service_name(
+        tmp_path, hdfs, principal, problem):
+    from spot_ingest.config import ConfigError
+    if hdfs == "kerberos":
+        (tmp_path / "spot.keytab").write_bytes(b"\x05\x02")
+        hdfs = {"url": "http://nn:9870", "kerberos": {"principal": "spot@EX.COM",
+                                                      "keytab": "spot.keytab"}}
+    top = {"catalog": dict(KERBERIZED, kerberos_principal=principal)}
+    if hdfs is not None:
+        top.update(hdfs=hdfs, hdfs_app_path="/user/spot")
+    with pytest.raises(ConfigError) as err:
+        config(tmp_path, **top)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_metastore_kerberos_shares_the_hdfs_sections_login(tmp_path):
+    (tmp_path / "spot.keytab").write_bytes(b"\x05\x02")
+    cfg = config(tmp_path, hdfs_app_path="/user/spot", catalog=KERBERIZED,
+                 hdfs={"url": "http://nn:9870", "scratch_dir": "scratch",
+                       "kerberos": {"principal": "spot@EX.COM", "keytab": "spot.keytab"}})
+    assert cfg.catalog.kerberos_principal == "hive/_HOST@EX.COM"
+    assert cfg.catalog.kerberos is cfg.hdfs.kerberos
+    # The directory of the HDFS store's login: one credential cache per process for both.
+    assert cfg.catalog.kerberos_state_dir == tmp_path / "scratch" / "kerberos"
+    plain = config(tmp_path, catalog={"type": "hive-metastore", "uri": "thrift://ms:9083"})
+    assert plain.catalog.kerberos_principal is None and plain.catalog.kerberos is None
 
 
 def test_catalog_section_is_read_into_its_settings(tmp_path):
