@@ -23,11 +23,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=None, metavar="FILE",
                         help=f"configuration file (default: $SPOT_INGEST_CONF or {default_config_path()})")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="text (default) or json: one JSON object per line (also the "
+                             "configuration's log_format)")
+
+
+def _metrics_port(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics on this port (default: the metrics "
+                             "section; 0: any free port)")
 
 
 def _load(args, check_paths: bool):
     try:
         cfg = load(args.config)
+        if getattr(args, "log_format", None) is None and cfg.log_format != "text":
+            setup_logging(args.log_level, cfg.log_format)
         os.umask(cfg.umask)    # file_mode and dir_mode for all this process creates
         cfg.pipeline(args.type)
         if check_paths:
@@ -47,13 +58,15 @@ def master_main(argv=None) -> int:
     parser.add_argument("--once", action="store_true",
                         help="ingest what is in the collector directory now, then exit")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    _metrics_port(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if args.workers < 1:
         parser.error("-w/--workers must be at least 1")
     cfg = _load(args, check_paths=True)
     from . import master
-    return master.run(cfg, args.type, args.workers, once=args.once, run_id=args.run_id)
+    return master.run(cfg, args.type, args.workers, once=args.once, run_id=args.run_id,
+                      metrics_port=args.metrics_port)
 
 
 def worker_main(argv=None) -> int:
@@ -66,13 +79,15 @@ def worker_main(argv=None) -> int:
                         help="topic to read (default: the pipeline's topic, SPOT-INGEST-<pipeline>)")
     parser.add_argument("--run-id", default=None,
                         help="exit after the master's end-of-run marker of this --once run")
+    _metrics_port(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if args.id < 0:
         parser.error("-i/--id must be 0 or more")
     cfg = _load(args, check_paths=False)
     from . import worker
-    return worker.run(cfg, args.type, args.id, topic=args.topic, run_id=args.run_id)
+    return worker.run(cfg, args.type, args.id, topic=args.topic, run_id=args.run_id,
+                      metrics_port=args.metrics_port)
 
 
 def stream_main(argv=None) -> int:
@@ -83,8 +98,9 @@ def stream_main(argv=None) -> int:
                         help="topic partitions (default: as the topic has, created with 1 if missing)")
     parser.add_argument("--run-id", default=None,
                         help="stop after the master's end-of-run marker of this --once run")
+    _metrics_port(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     cfg = _load(args, check_paths=False)
     from . import pipeline as registry
     from .bus import BusError, ensure_topic
@@ -96,7 +112,7 @@ def stream_main(argv=None) -> int:
         return ExitCode.ERROR
     from . import streaming
     try:
-        return streaming.run(cfg, pcfg, partitions, args.run_id)
+        return streaming.run(cfg, pcfg, partitions, args.run_id, args.metrics_port)
     except registry.ToolMissingError as exc:
         log.error("%s", exc)
         return ExitCode.CONFIG
@@ -183,7 +199,7 @@ def compact_main(argv=None) -> int:
                         help="keep the rows in their order instead of sorting them on the "
                              "table's sort columns (flow: sip, dns: dns_qry_name, proxy: host)")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         older_than, target = parse_duration(args.older_than), parse_size(args.target_size)
     except ValueError as exc:
@@ -208,11 +224,76 @@ def compact_main(argv=None) -> int:
     return ExitCode.ERROR if summary.failed else ExitCode.OK
 
 
+def report_main(argv=None) -> int:
+    import json
+    import time
+
+    from .reports import read_reports, rollup
+    from .store import StoreError, open_store
+    from .units import parse_duration
+    from . import pipeline as registry
+    parser = argparse.ArgumentParser(prog="spot-ingest report", description=
+        "Roll up the ingest reports of the pipeline's table over a time range: files, "
+        "records, bytes, mean and p95 time per file, failures (README: Operating it).")
+    _common(parser)
+    parser.add_argument("--since", default="24h", metavar="AGE",
+                        help="how far back (24h, 30m, 7d; default 24h)")
+    parser.add_argument("--json", action="store_true", help="one JSON object (schema in README)")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        parser.error(str(exc))
+    cfg = _load(args, check_paths=False)
+    pcfg = cfg.pipeline(args.type)
+    table = registry.load(pcfg.type).table
+    now = time.time()
+    try:
+        found = read_reports(open_store(cfg.store), table, now - since, now + 1)
+    except (StoreError, OSError) as exc:
+        log.error("cannot read the reports of %s: %s", table, exc)
+        return ExitCode.ERROR
+    mine = [r for r in found.reports if r.get("pipeline") == pcfg.name]
+    summary = {"pipeline": pcfg.name, "table": table, "since": now - since, "until": now,
+               **rollup(mine), "broken_lines": found.broken_lines}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return ExitCode.OK
+    mean, p95 = summary["seconds_mean"], summary["seconds_p95"]
+    print(f"{pcfg.name} ({table}), last {args.since}: {summary['files_received']} file(s) "
+          f"received, {summary['files_loaded']} loaded"
+          + (f", {summary['batches']} micro-batch(es)" if summary["batches"] else "")
+          + f"; {summary['records']} records; {summary['bytes_in']} bytes in, "
+            f"{summary['bytes_out']} bytes of Parquet out")
+    if mean is not None:
+        print(f"time per file: mean {mean:.2f} s, p95 {p95:.2f} s")
+    failures = summary["failures"]
+    print("set aside: " + (", ".join(f"{n} {k}" for k, n in sorted(failures.items()))
+                           if failures else "none"))
+    for item in summary["set_aside"][-20:]:
+        print(f"  {item['time']} {item['outcome']} {item['file']}: {item['reason']}")
+    if found.broken_lines:
+        print(f"({found.broken_lines} report line(s) could not be read: cut by a crash?)")
+    return ExitCode.OK
+
+
+def status_main(argv=None) -> int:
+    from .status import main
+    return main(argv)
+
+
+def summary_main(argv=None) -> int:
+    from .summary import main
+    return main(argv)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
                 "standalone": standalone_main, "ddl": ddl_main,
-                "catalog": catalog_main, "compact": compact_main}
+                "catalog": catalog_main, "compact": compact_main, "status": status_main,
+                "report": report_main, "summary": summary_main}
     if not argv or argv[0] not in commands:
         print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
               file=sys.stderr)

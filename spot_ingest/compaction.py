@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 from . import pipeline as registry
 from .config import IngestConfig
 from .store import Store, StoreError, open_store
+from .units import parse_duration, parse_size  # noqa: F401  (the command line's)
 from .warehouse import INPUTS_KEY, MERGED_PREFIX, file_inputs, read_footer
 
 log = logging.getLogger("spot_ingest.compaction")
@@ -120,24 +121,6 @@ class Summary:
     duplicates: int = 0          # files dropped: a merged file held their input
     failed: list[str] = field(default_factory=list)
     settled: int = 0             # records of killed compactions settled
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``2h`` or ``1d`` in seconds."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not found:
-        raise ValueError(f"'{text}' is not a duration such as 2h, 30m, 90s or 1d")
-    return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
-
-
-def parse_size(text: str) -> int:
-    """``256MB``, ``1GB``, ``512KB`` or a number of bytes (powers of 1024)."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not found or float(found.group(1)) <= 0:
-        raise ValueError(f"'{text}' is not a size such as 256MB or 1GB")
-    unit = found.group(2).rstrip("B").rstrip("I")
-    return int(float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                                         "T": 1 << 40}[unit])
 
 
 def _digest(items) -> str:

@@ -217,6 +217,42 @@ class CatalogConfig:
         return f"{self.type} catalog at {where}"
 
 
+METRICS_KEYS = ("address", "master_port", "worker_port", "stream_port")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The optional ``metrics`` section: where each process serves its
+    Prometheus metrics (README: Operating it). A port of None serves none;
+    worker N listens on ``worker_port + N``. ``--metrics-port`` on a command
+    line overrides (the launcher gives each process its own)."""
+    address: str = "127.0.0.1"
+    master_port: int | None = None
+    worker_port: int | None = None
+    stream_port: int | None = None
+
+    def port(self, role: str, worker_id: int = 0) -> int | None:
+        base = {"master": self.master_port, "worker": self.worker_port,
+                "stream": self.stream_port}[role]
+        return None if base is None else base + (worker_id if role == "worker" else 0)
+
+
+GUARD_KEYS = ("min_free_memory", "min_free_disk", "check_seconds")
+
+
+@dataclass(frozen=True)
+class ResourceGuardConfig:
+    """The optional ``resource_guard`` section: a worker takes no new file
+    while the host's available memory, or the free space where it writes
+    (its scratch folder, a local store), is below these (bytes; 0: never)."""
+    min_free_memory: int = 256 << 20
+    min_free_disk: int = 512 << 20
+    check_seconds: float = 5.0
+
+
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
@@ -264,6 +300,9 @@ class IngestConfig:
     hdfs: HdfsConfig | None = None
     # The "catalog" section: where tables and partitions are registered.
     catalog: CatalogConfig = CatalogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    resource_guard: ResourceGuardConfig = ResourceGuardConfig()
+    log_format: str = "text"      # "json": one JSON object per log line
 
     @property
     def store(self) -> StoreLocation:
@@ -474,6 +513,9 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
         signing_key_file=_signing_key_file(top, base_dir),
         hdfs=hdfs,
         catalog=_catalog_config(top, base_dir, hdfs),
+        metrics=_metrics_config(top),
+        resource_guard=_guard_config(top),
+        log_format=_log_format(top),
     )
 
     return cfg
@@ -738,6 +780,56 @@ def _hdfs_config(top: _Reader, base_dir: Path) -> HdfsConfig | None:
         timeout=section.get("timeout", "pos_num", 60.0), verify=verify, kerberos=kerberos,
         scratch_dir=_resolve(base_dir, section.get("scratch_dir", "str", "/var/tmp/spot-ingest")),
         scratch_max_bytes=section.get("scratch_max_bytes", "pos_int", None))
+
+
+def _known_keys(section: _Reader, known: tuple[str, ...]) -> None:
+    for key in section.data:
+        if key not in known:
+            raise section.error(key, f"unknown key; known keys: {', '.join(known)}")
+
+
+def _metrics_config(top: _Reader) -> MetricsConfig:
+    section = top.section("metrics", required=False)
+    _known_keys(section, METRICS_KEYS)
+    ports = {}
+    for key in METRICS_KEYS[1:]:
+        port = section.get(key, "int", None, empty_is_default=True)
+        if port is not None and not 1 <= port <= 65535:
+            raise section.error(key, f"{port} is not a port (1-65535)")
+        ports[key] = port
+    address = section.get("address", "str", "127.0.0.1", empty_is_default=True)
+    return MetricsConfig(address=address, **ports)
+
+
+def _size(section: _Reader, key: str, default: int) -> int:
+    """A size in bytes: a number, or a string such as "512MB" or "1GB"."""
+    from .units import parse_size
+    value = section.data.get(key, default)
+    if isinstance(value, bool) or value is None:
+        raise section.error(key, f"expected a size such as 512MB, got {json.dumps(value)}")
+    if isinstance(value, (int, float)) and value >= 0 and _finite(value):
+        return int(value)
+    try:
+        return parse_size(str(value), allow_zero=True)
+    except ValueError as exc:
+        raise section.error(key, str(exc)) from None
+
+
+def _guard_config(top: _Reader) -> ResourceGuardConfig:
+    section = top.section("resource_guard", required=False)
+    _known_keys(section, GUARD_KEYS)
+    defaults = ResourceGuardConfig()
+    return ResourceGuardConfig(
+        min_free_memory=_size(section, "min_free_memory", defaults.min_free_memory),
+        min_free_disk=_size(section, "min_free_disk", defaults.min_free_disk),
+        check_seconds=section.get("check_seconds", "pos_num", defaults.check_seconds))
+
+
+def _log_format(top: _Reader) -> str:
+    value = top.get("log_format", "str", "text", empty_is_default=True)
+    if value not in LOG_FORMATS:
+        raise top.error("log_format", f"'{value}' is not one of {', '.join(LOG_FORMATS)}")
+    return value
 
 
 def _catalog_config(top: _Reader, base_dir: Path, hdfs: HdfsConfig | None = None

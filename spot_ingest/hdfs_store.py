@@ -524,6 +524,12 @@ class HdfsStore:
                 raise
         return self._call("create", path, create)
 
+    def append(self, area: str, relative: str, data: bytes) -> None:
+        """WebHDFS APPEND; the first call creates the file."""
+        if not self.create(area, relative, data):
+            path = self._path(area, relative)
+            self._call("append to", path, self.client.write, path, data=data, append=True)
+
     def exchange(self, area: str, a: str, b: str, step=None) -> bool:
         """WebHDFS has no atomic swap: three renames (see ``Store``); between
         the first two, readers find ``b`` missing. A ``b`` re-created by a

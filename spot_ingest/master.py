@@ -34,7 +34,9 @@ from .bus import (SECURITY_HINT, Announcement, Announcer, BusError, PartitionBal
                   check_message_size, ensure_topic, group_id, retry_kafka, security_problem)
 from .config import IngestConfig, PipelineConfig, read_signing_key
 from .kafka_security import client_kwargs
-from .logs import printable
+from .logs import about, checksum, printable
+from .metrics import Metrics
+from .reports import ReportWriter
 from .policy import Backoff, ExitCode, process_pool, until_done
 from .store import SourceError, StagedFile, open_store, set_aside
 from .watcher import CollectorWatcher
@@ -276,7 +278,7 @@ class Ledger:
 
 class Master:
     def __init__(self, cfg: IngestConfig, pipeline_name: str, workers: int, once: bool = False,
-                 run_id: str | None = None):
+                 run_id: str | None = None, metrics_port: int | None = None):
         self.cfg = cfg
         self.pcfg = cfg.pipeline(pipeline_name)
         self.workers = workers
@@ -288,6 +290,9 @@ class Master:
         self.counts = {"announced": 0, "rejected": 0, "pieces": 0, "set_aside": 0, "changed": 0}
         self.last_waiting_note = time.monotonic()
         self.retention_run = float("-inf")
+        self.metrics = Metrics(self.pcfg.name, "master")
+        self.metrics_port = metrics_port if metrics_port is not None \
+            else cfg.metrics.port("master")
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:
@@ -317,6 +322,9 @@ class Master:
             return ExitCode.OK    # stopped while waiting for the store
         if removed:
             log.info("removed %d partial copy(ies) left in the store by a killed master", removed)
+        self.metrics.serve(self.cfg.metrics.address, self.metrics_port)
+        self.reports = ReportWriter(self.store, registry.load(self.pcfg.type).table,
+                                    self.pcfg.name, self.pcfg.type, "master")
         kafka = self.cfg.kafka
         partitions = ensure_topic(kafka, self.pcfg.topic, self.workers)
         self.delivery = delivery_for(self.cfg, self.pcfg, self.workers)
@@ -345,6 +353,9 @@ class Master:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.watcher.close()
             self.announcer.close()
+            if not self.reports.flush():
+                log.warning("%d ingest report(s) could not be written before stopping",
+                            len(self.reports.waiting))
         log.info("master done: %d file(s) announced as %d piece(s), %d rejected",
                  self.counts["announced"], self.counts["pieces"], self.counts["rejected"])
         return (ExitCode.INPUT_SET_ASIDE if self.counts["rejected"] or self.counts["set_aside"]
@@ -408,6 +419,7 @@ class Master:
             # Names are bytes on Linux: keep undecodable ones readable and valid UTF-8.
             rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             self.work[key] = _Work(path, rel, path.stat().st_mtime)
+            self.metrics.files_seen.labels(self.pcfg.name).inc()
         in_progress = sum(1 for w in self.work.values() if w.future)
         for key, item in self.work.items():
             if item.future is None and not item.staged and item.retry_at <= now \
@@ -439,7 +451,10 @@ class Master:
                 self.counts["set_aside"] += taken.set_aside
                 log.info("published %s as %d message(s)%s", printable(item.relative),
                          taken.messages,
-                         f"; {taken.set_aside} line(s) set aside" if taken.set_aside else "")
+                         f"; {taken.set_aside} line(s) set aside" if taken.set_aside else "",
+                         extra=about(item.relative, None))
+                self._report("published", item, messages=taken.messages,
+                             rejects=taken.set_aside, bytes_in=(item.taken or (0, 0, 0))[2])
                 self._done(key, item)
         except RejectedFile as exc:
             self._reject(key, item, str(exc))
@@ -478,11 +493,17 @@ class Master:
                 self._backoff(item, f"could not announce {printable(item.relative)}", exc)
                 return
             log.debug("announced %s at partition %d offset %d", piece.location, partition, offset)
+            self.metrics.files_announced.labels(self.pcfg.name).inc()
             item.announced += 1
         self.counts["announced"] += 1
         self.counts["pieces"] += count
-        log.info("staged and announced %s (%d piece%s, %d bytes)", printable(item.relative), count,
-                 "" if count == 1 else "s", sum(p.size for p in item.staged))
+        sha256 = item.staged[0].sha256 if count == 1 else None
+        log.info("staged and announced %s (%s; %d piece%s, %d bytes)", printable(item.relative),
+                 checksum(sha256) if sha256 else "split", count, "" if count == 1 else "s",
+                 sum(p.size for p in item.staged), extra=about(item.relative, sha256))
+        self._report("staged", item, sha256=sha256, pieces=count,
+                     staged=item.staged[0].location if count == 1 else None,
+                     bytes_in=sum(p.size for p in item.staged))
         self._done(key, item)
 
     def _done(self, key: str, item: _Work) -> None:
@@ -530,9 +551,15 @@ class Master:
         except OSError as exc:
             log.error("could not set %s aside: %s", printable(str(item.path)), exc)
         what = "announced the readable part of" if partly_loaded else "rejected"
-        log.error("%s %s: %s; moved to %s", what, printable(str(item.path)), reason, dest)
+        log.error("%s %s: %s; moved to %s", what, printable(str(item.path)), reason, dest,
+                  extra=about(item.relative, None))
         self.counts["set_aside" if partly_loaded else "rejected"] += 1
+        self._report("rejected", item, reason=reason, staged=str(dest) if dest else None,
+                     bytes_in=(item.taken or (0, 0, 0))[2])
         self._forget(key)
+
+    def _report(self, outcome: str, item: _Work, **fields) -> None:
+        self.metrics.observe(self.reports.write(outcome=outcome, file=item.relative, **fields))
 
     def _forget(self, key: str) -> None:
         self.work.pop(key, None)
@@ -540,8 +567,8 @@ class Master:
 
 
 def run(cfg: IngestConfig, pipeline_name: str, workers: int, once: bool = False,
-        run_id: str | None = None) -> int:
-    master = Master(cfg, pipeline_name, workers, once, run_id)
+        run_id: str | None = None, metrics_port: int | None = None) -> int:
+    master = Master(cfg, pipeline_name, workers, once, run_id, metrics_port)
     signal.signal(signal.SIGTERM, master.request_stop)
     signal.signal(signal.SIGINT, master.request_stop)
     try:

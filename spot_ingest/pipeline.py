@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -94,6 +95,8 @@ class Pipeline(ABC):
     # Columns compaction sorts a partition's rows on, so that engines skip
     # row groups on the filters analysts use most (empty: not sorted).
     sort_by: tuple[str, ...] = ()
+    # The columns ``event_seconds`` reads (the summary picture reads only these).
+    event_time_columns: tuple[str, ...] = ("unix_tstamp",)
 
     def parse_options(self, raw: Mapping[str, Any], error: OptionError) -> Any:
         """Validate the keys of this type in the pipeline's section ``raw``
@@ -119,6 +122,11 @@ class Pipeline(ABC):
         """Write a small sample input made with the real tools (``--demo``)
         into ``dest_dir``; return the files. May raise ``ToolMissingError``."""
         raise NotImplementedError(f"the {self.type} pipeline has no sample data")
+
+    def event_seconds(self, table: pa.Table) -> pa.Array:
+        """When each row happened, in whole seconds since the epoch (UTC),
+        from ``event_time_columns`` of ``table``; null where unknown."""
+        return pc.cast(table.column(self.event_time_columns[0]), pa.int64())
 
     @property
     def full_schema(self) -> pa.Schema:

@@ -107,6 +107,21 @@ def table_summary(cfg: IngestConfig, table: str) -> tuple[str, dict[str, int]]:
     return str(where), rows
 
 
+def metrics_ports(cfg: IngestConfig, roles: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """A port for each process's metrics: the metrics section's where it
+    names one, else a port free now on the metrics address."""
+    import socket
+    ports = {}
+    for role, index in roles:
+        port = cfg.metrics.port(role, index)
+        if port is None:
+            with socket.socket() as s:
+                s.bind((cfg.metrics.address, 0))
+                port = s.getsockname()[1]
+        ports[(role, index)] = port
+    return ports
+
+
 def demo_sandbox(cfg: IngestConfig, pipeline: str) -> Path:
     """Write the configuration of a demo sandbox for ``pipeline`` and return
     its path: the same settings, but every directory inside
@@ -204,24 +219,36 @@ def main(argv=None) -> int:
         ensure_topic(cfg.kafka, pcfg.topic, args.workers, security_fatal=True)
         run_id = uuid.uuid4().hex if once else None
         extra = ["--run-id", run_id] if run_id else []
-        if isinstance(plugin, registry.RecordPipeline):
+        streaming = isinstance(plugin, registry.RecordPipeline)
+        roles = [("master", 0)] + ([("stream", 0)] if streaming else
+                                   [("worker", i) for i in range(args.workers)])
+        ports = metrics_ports(cfg, roles)
+
+        def metrics(role: str, index: int = 0) -> list[str]:
+            return ["--metrics-port", str(ports[(role, index)])]
+        if streaming:
             # One streaming job reads every partition; WORKERS sets how many.
             children.append(Child("streaming job", ["stream", "-t", pcfg.name, "--partitions",
-                                                    str(args.workers), *conf, *extra, *level],
+                                                    str(args.workers), *conf, *extra, *level,
+                                                    *metrics("stream")],
                                   cfg.log_dir / f"{pcfg.name}-stream.log"))
         else:
             for i in range(args.workers):
                 children.append(Child(f"worker {i}", ["worker", "-t", pcfg.name, "-i", str(i),
-                                                      *conf, *extra, *level],
+                                                      *conf, *extra, *level, *metrics("worker", i)],
                                       cfg.log_dir / f"{pcfg.name}-worker-{i}.log"))
         master = Child("master", ["master", "-t", pcfg.name, "-w", str(args.workers), *conf,
-                                  *(["--once"] if once else []), *extra, *level],
+                                  *(["--once"] if once else []), *extra, *level,
+                                  *metrics("master")],
                        cfg.log_dir / f"{pcfg.name}-master.log")
         children.append(master)
         for child in children:
             child.start()
         log.info("started master and %s for %s; logs in %s", ", ".join(c.role for c in children[:-1]),
                  pcfg.name, cfg.log_dir)
+        log.info("metrics: %s", ", ".join(
+            f"{'streaming job' if role == 'stream' else role}{f' {i}' if role == 'worker' else ''} "
+            f"http://{cfg.metrics.address}:{port}/metrics" for (role, i), port in ports.items()))
         failed = _supervise(children, once, stop)
     except (BrokerError, BusError) as exc:
         log.error("%s", exc)

@@ -302,6 +302,10 @@ class Store(Protocol):
       killed between them leaves ``a.swap`` (``compaction.settle`` finishes
       the swap). ``step``, if given, is called after each of those renames
       (a test hook).
+    * ``append(area, relative, data)`` adds ``data`` at the end of a file,
+      creating it (and its folders) if missing: the ingest reports
+      (``spot_ingest.reports``), one JSON line per call. Each file has one
+      writing process; a line cut by a crash is skipped by readers.
     * ``table_root()`` is where Spark keeps a table's streaming checkpoint.
     * ``clean_incoming()`` and ``expire_staged()`` clean up: partial copies of
       killed masters of this host; staged files past retention whose rows are
@@ -335,6 +339,7 @@ class Store(Protocol):
     def exists(self, area: str, relative: str) -> bool: ...
     def rename(self, area: str, src: str, dest: str) -> None: ...
     def create(self, area: str, relative: str, data: bytes) -> bool: ...
+    def append(self, area: str, relative: str, data: bytes) -> None: ...
     def exchange(self, area: str, a: str, b: str, step=None) -> bool: ...
     def clean_incoming(self, ptype: str) -> int: ...
     def mark_loaded(self, ptype: str, sha256: str) -> None: ...
@@ -619,6 +624,16 @@ class LocalStore(Store):
         finally:
             os.close(fd)
         return True
+
+    def append(self, area: str, relative: str, data: bytes) -> None:
+        path = self.root / area / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def exchange(self, area: str, a: str, b: str, step=None) -> bool:
         """Swap folders ``a`` and ``b`` (see ``Store``): True when atomic."""

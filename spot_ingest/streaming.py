@@ -66,6 +66,8 @@ from .policy import ExitCode
 from .kafka_security import read_password
 from .logs import printable
 from .spark_env import DEFAULT_BIND_ADDRESS, CodeArchive, prepare_environment
+from .metrics import Metrics
+from .reports import ReportWriter
 from .store import open_store
 
 log = logging.getLogger("spot_ingest.streaming")
@@ -270,7 +272,7 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
 
         def write_all():
             """One file per partition: every good row, then every rejected one."""
-            dropped, written = {}, set()
+            dropped, written, nbytes = {}, {}, 0
             for rows_list, area, schema, keys, data_dir in (
                     (goods, plugin.table, plugin.schema, part_names, "hive"),
                     (rejecteds, f"{plugin.table}/rejects", rj_schema, [], ".")):
@@ -281,7 +283,8 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
                 name = f"{MERGED_PREFIX}{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:32]}"
                 kept, dirs = not_held(table, area, keys, data_dir)
                 if keys:
-                    written.update(pc.unique(dirs).to_pylist())
+                    for d, c in zip(*pc.value_counts(dirs).flatten()):
+                        written[d.as_py()] = written.get(d.as_py(), 0) + c.as_py()
                 if kept.num_rows < table.num_rows:
                     for n, c in zip(*pc.value_counts(pc.filter(
                             table.column("name"), pc.invert(pc.is_in(
@@ -295,6 +298,7 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
                                      inputs=inputs) as w:
                         for batch in data.to_batches():
                             w.write(batch)
+                    nbytes += w.bytes_written
                 else:
                     data = kept.select(list(REJECT_COLUMNS)).rename_columns(
                         schema.names).cast(schema)
@@ -302,7 +306,8 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
                                      data_dir=".", inputs=inputs) as w:
                         for batch in data.to_batches():
                             w.write(batch)
-            return dropped, written
+                    nbytes += w.bytes_written
+            return dropped, written, nbytes
 
         # A record's rows, gathered: the shuffle that gives each table
         # partition one task may interleave records.
@@ -325,14 +330,17 @@ def writer(ptype: str, location: StoreLocation, prefix: str):
                     pieces.setdefault(record, []).append(piece)
         for record, parts_of_record in pieces.items():
             summaries.append(flush(record, parts_of_record))
-        dropped, written = write_all()
+        dropped, written, nbytes = write_all()
         for item in summaries:
             if item["kind"] == "LINES" and item["msg_id"] in dropped:
                 # Held by an earlier file already (published twice): not counted again.
                 item["note"] = "already held"
                 item["rows"] = item["rejects"] = 0
-        # The table partitions written, for the catalog.
-        summaries += [summary(d, "PARTITION") for d in sorted(written)]
+        # The table partitions written (rows each), for the catalog and the
+        # report, and the bytes of Parquet written.
+        summaries += [summary(d, "PARTITION", n) for d, n in sorted(written.items())]
+        if nbytes:
+            summaries.append(summary("", "BYTES", nbytes))
         if summaries:
             yield pa.RecordBatch.from_pylist(summaries, out_schema)
     return write
@@ -595,7 +603,7 @@ class _Totals:
 
 
 def run(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
-        run_id: str | None = None) -> int:
+        run_id: str | None = None, metrics_port: int | None = None) -> int:
     """Run the job until stopped (or, with ``run_id``, until the end-of-run
     marker of that run was seen on every partition); the exit code."""
     plugin = registry.load(pcfg.type)
@@ -621,7 +629,7 @@ def run(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
         registrar = start_registrar(cfg, plugin.table, spark)
         try:
             return _run(cfg, pcfg, plugin, partitions, run_id, spark, checkpoint, root, trigger,
-                        identity, registrar)
+                        identity, registrar, metrics_port)
         except StreamConfigError as exc:
             log.error("%s", exc)
             return ExitCode.CONFIG
@@ -672,11 +680,17 @@ def warm_up(spark, ptype: str, location: StoreLocation) -> None:
 
 def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipeline,
          partitions: int, run_id: str | None, spark, checkpoint: Path, root: Path,
-         trigger: float, identity: TopicIdentity, registrar: Registrar | None = None) -> int:
+         trigger: float, identity: TopicIdentity, registrar: Registrar | None = None,
+         metrics_port: int | None = None) -> int:
     stream = _kafka_stream(spark, cfg, pcfg)
     prefix = f"{pcfg.name}-spark"
     warm_up(spark, plugin.type, cfg.store)
     totals = _Totals()
+    reports = ReportWriter(open_store(cfg.store), plugin.table, pcfg.name, pcfg.type, "stream")
+    metrics = Metrics(pcfg.name, "stream")
+    metrics.serve(cfg.metrics.address, metrics_port if metrics_port is not None
+                  else cfg.metrics.port("stream"))
+    latest = {"lag": None}   # the lag in the last progress report (the main loop's view)
 
     def sink(batch, batch_id):
         try:
@@ -714,10 +728,20 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
         totals.markers.update(markers)   # only once this batch's rows are in place
         if len(identity.known()) < partitions:
             identity.remember()
+        seconds = time.monotonic() - started
         log.info("batch %d: %d message(s), %d rows, %d rejected line(s), %d rejected message(s) "
                  "in %.1f s; totals: %d rows, %d rejects, %d rejected message(s)", batch_id,
-                 messages, n_rows, n_rejects, len(refused), time.monotonic() - started,
+                 messages, n_rows, n_rejects, len(refused), seconds,
                  totals.rows, totals.rejects, totals.bad)
+        if messages or refused:
+            report = reports.write(
+                outcome="batch", batch=batch_id, messages=messages, records=n_rows,
+                rejects=n_rejects, rejected_messages=len(refused), topic=pcfg.topic,
+                partitions={r.msg_id: r.rows for r in summary if r.kind == "PARTITION"},
+                bytes_out=sum(r.rows for r in summary if r.kind == "BYTES"),
+                write_seconds=round(seconds, 4), seconds=round(seconds, 4),
+                lag=latest["lag"])
+            metrics.observe(report)
 
     query = (stream.writeStream.foreachBatch(sink).queryName(f"spot-ingest-{pcfg.name}")
              .option("checkpointLocation", str(checkpoint))
@@ -738,7 +762,9 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
             progress = query.lastProgress
             if progress and progress.get("batchId") != last_progress:
                 last_progress = progress.get("batchId")
-                lag = _lag(progress)
+                lag = latest["lag"] = _lag(progress)
+                if lag is not None:
+                    metrics.lag.labels(pcfg.name, "all").set(lag)
                 log.info("progress: batch %s, %s Kafka records, %.1f records/s%s",
                          progress.get("batchId"), progress.get("numInputRows"),
                          progress.get("processedRowsPerSecond") or 0,
@@ -753,6 +779,7 @@ def _run(cfg: IngestConfig, pcfg: PipelineConfig, plugin: registry.RecordPipelin
             return ExitCode.ERROR
     finally:
         query.stop()
+        reports.flush()
     log.info("%s job done: %d rows, %d rejected lines, %d rejected messages in %d batches",
              pcfg.name, totals.rows, totals.rejects, totals.bad, totals.batches)
     # A --once run reports rejected input the way workers report quarantined files.

@@ -144,6 +144,7 @@ class TableWriter:
         self.tmp_prefix = tmp_prefix
         self.partitions: dict[tuple, _Partition] = {}
         self.buffered_bytes = 0
+        self.bytes_written = 0     # bytes of the Parquet files committed (for reports)
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -226,6 +227,10 @@ class TableWriter:
         for part in self.partitions.values():
             self._flush(part)
             part.writer.close()
+            try:
+                self.bytes_written += part.sink.tell()
+            except (OSError, ValueError):   # a sink that cannot tell: not counted
+                pass
             part.sink.close()
         result = {}
         for part in self.partitions.values():

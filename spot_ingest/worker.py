@@ -40,11 +40,14 @@ from kafka.errors import KafkaError
 from .bus import (END_OF_RUN, SECURITY_HINT, Announcement, BusError, KafkaSecurityError,
                   PartitionReader, retry_kafka, security_problem, signature_problem)
 from .config import IngestConfig, PipelineConfig, StoreLocation, read_signing_key
-from .logs import printable
+from .guard import ResourceGuard
+from .logs import about, checksum, printable
+from .metrics import Metrics
+from .reports import ReportWriter
 from .metastore import Registrar, start_registrar
 from .policy import Backoff, ExitCode, process_pool, until_done
 from .pipeline import BadInputError
-from .store import SHA256_RE, RefusedInput, StagedCopy, Store, open_store
+from .store import SHA256_RE, RefusedInput, StagedCopy, Store, StoreError, open_store
 from .tools import ToolTimeout, time_limit
 from .warehouse import TableWriter, remove_stale_temporaries
 
@@ -77,6 +80,11 @@ class Outcome:
     partitions: dict = field(default_factory=dict)
     seconds: float = 0.0
     detail: str = ""
+    reason: str = ""            # why it was set aside (without where to)
+    fetch_seconds: float = 0.0  # making the staged file readable here
+    convert_seconds: float = 0.0   # the tool and parsing
+    write_seconds: float = 0.0  # Parquet: writing and making it visible
+    bytes_out: int = 0
 
 
 def output_name(ann: Announcement) -> str:
@@ -132,7 +140,11 @@ def load_file(job: Job) -> Outcome:
             staged = held.enter_context(store.fetch(job.staged, job.prefetched))
         except RefusedInput as exc:
             return _refuse(job, store, str(exc), started)
-        return _load(job, plugin, store, staged, started)
+        fetched = time.monotonic()
+        outcome = _load(job, plugin, store, staged, fetched)
+        outcome.fetch_seconds = fetched - started
+        outcome.seconds += outcome.fetch_seconds
+        return outcome
 
 
 def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedCopy,
@@ -142,6 +154,7 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
                          plugin.partition_schema, f"{job.tmp_prefix}-{os.getpid()}")
     rows = 0
     hasher = None
+    writing = 0.0     # seconds in the writer; the rest of the loop is conversion
     try:
         size = os.fstat(fd).st_size
         if size != ann.size:
@@ -152,7 +165,9 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
         last_report = started
         with time_limit(pcfg.convert_timeout):
             for batch in plugin.convert(staged.path, pcfg):
+                before = time.monotonic()
                 writer.write(batch)
+                writing += time.monotonic() - before
                 rows += batch.num_rows
                 now = time.monotonic()
                 if now - last_report > PROGRESS_SECONDS:
@@ -164,7 +179,9 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
             return _refuse(job, store, f"staged file {job.staged} has SHA-256 "
                                        f"{hasher.digest.hexdigest()}, the announcement says "
                                        f"{ann.sha256}", started)
+        converted = time.monotonic()
         partitions = writer.commit()
+        writing += time.monotonic() - converted
         store.mark_loaded(pcfg.type, ann.sha256)
         if writer.already_held:    # delivered again after its hour was compacted
             rows = sum(partitions.values())
@@ -180,7 +197,7 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
             raise       # retried with backoff, then set aside
         reason = f"{exc}, {job.attempt} times" if isinstance(exc, ToolTimeout) else str(exc)
         where = store.quarantine(job.staged, pcfg.type, reason)
-        return Outcome("quarantined", detail=f"{reason} (set aside in {where})",
+        return Outcome("quarantined", detail=f"{reason} (set aside in {where})", reason=reason,
                        seconds=time.monotonic() - started)
     except BaseException:
         writer.abort()
@@ -189,14 +206,16 @@ def _load(job: Job, plugin: registry.FilePipeline, store: Store, staged: StagedC
         if hasher is not None:     # never leave it reading a descriptor that is closed
             hasher.stop = True
             hasher.join()
-    return Outcome("loaded", rows, partitions, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    return Outcome("loaded", rows, partitions, seconds, write_seconds=writing,
+                   convert_seconds=seconds - writing, bytes_out=writer.bytes_written)
 
 
 def _refuse(job: Job, store: Store, reason: str, started: float) -> Outcome:
     where = store.refuse(job.pipeline.type, job.topic, job.partition, job.offset, reason,
                          _record_fields(job.announcement))
     return Outcome("refused", detail=f"{reason} (kept as {where}; the file is left as it is)",
-                   seconds=time.monotonic() - started)
+                   reason=reason, seconds=time.monotonic() - started)
 
 
 def _record_fields(ann: Announcement) -> dict:
@@ -242,9 +261,10 @@ class Committer(threading.Thread):
     VERIFY_SECONDS = 30.0
     WATCH_AFTER_FAILURE = 300.0
 
-    def __init__(self, make_reader, describe: str):
+    def __init__(self, make_reader, describe: str, on_confirmed=None, on_error=None):
         super().__init__(daemon=True, name="committer")
         self.make_reader, self.describe = make_reader, describe
+        self.on_confirmed, self.on_error = on_confirmed, on_error
         self.target = -1
         self.confirmed = -1
         self.failing = False
@@ -287,6 +307,8 @@ class Committer(threading.Thread):
                 held = self.reader.committed(timeout_ms=5000)
                 self.verified_at = time.monotonic()
             except Exception as exc:   # KafkaError, or a connection error below it
+                if self.on_error is not None:
+                    self.on_error()
                 delay = backoff.delay()
                 if not self.failing or delay >= backoff.most:
                     log.warning("could not commit offset %d (%s: %s); will retry; the files "
@@ -306,6 +328,8 @@ class Committer(threading.Thread):
                 log.info("the broker answers again: offset %d committed", target)
                 self.failing = False
             self.confirmed = max(self.confirmed, target)
+            if self.on_confirmed is not None:
+                self.on_confirmed()
 
     def _pause(self, seconds: float) -> None:
         with self.lock:
@@ -328,7 +352,8 @@ class Committer(threading.Thread):
 
 class Worker:
     def __init__(self, cfg: IngestConfig, pipeline_name: str, worker_id: int,
-                 topic: str | None = None, run_id: str | None = None):
+                 topic: str | None = None, run_id: str | None = None,
+                 metrics_port: int | None = None):
         self.cfg = cfg
         self.pcfg = cfg.pipeline(pipeline_name)
         self.plugin = registry.load(self.pcfg.type)
@@ -348,6 +373,14 @@ class Worker:
         self.broker_lost = False
         self.signing_key = read_signing_key(cfg)
         self.registrar: Registrar | None = None
+        self.metrics = Metrics(self.pcfg.name, "worker")
+        self.metrics_port = metrics_port if metrics_port is not None \
+            else cfg.metrics.port("worker", worker_id)
+        scratch = [self.pcfg.local_staging,
+                   cfg.hdfs.scratch_dir if cfg.hdfs else Path(cfg.hdfs_app_path)]
+        self.guard = ResourceGuard(cfg.resource_guard, scratch, f"worker {worker_id}",
+                                   on_change=lambda held: self.metrics.paused
+                                   .labels(self.pcfg.name).set(int(held)))
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -377,6 +410,9 @@ class Worker:
             return ExitCode.OK    # stopped while waiting for the store
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
+        self.metrics.serve(self.cfg.metrics.address, self.metrics_port)
+        self.reports = ReportWriter(self.store, self.plugin.table, self.pcfg.name, self.pcfg.type,
+                                    "worker", self.worker_id)
         self.reader = self._connect()
         if self.reader is None:
             return ExitCode.OK    # stopped before the broker answered: nothing was taken
@@ -388,7 +424,9 @@ class Worker:
         log.info("worker %d of pipeline %s reading %s partition %d from %s, %d processes",
                  self.worker_id, self.pcfg.name, self.topic, self.worker_id,
                  f"offset {start}" if start is not None else "the beginning", self.processes)
-        self.committer = Committer(self._new_reader, f"{self.topic} partition {self.worker_id}")
+        self.committer = Committer(self._new_reader, f"{self.topic} partition {self.worker_id}",
+                                   on_confirmed=lambda: self.metrics.committed(self.worker_id),
+                                   on_error=self.metrics.broker_errors.labels(self.pcfg.name).inc)
         self.committer.confirmed = start if start is not None else -1
         self.committer.start()
         # Partitions are registered in the catalog (if any) by a thread: ingest never waits.
@@ -414,6 +452,9 @@ class Worker:
             self.reader.close()
             if self.registrar is not None:
                 self.registrar.close()
+            if not self.reports.flush():
+                log.warning("%d ingest report(s) could not be written before stopping",
+                            len(self.reports.waiting))
         log.info("worker %d done: %d file(s) loaded (%d rows), %d quarantined, %d announcement(s) "
                  "refused", self.worker_id, self.counts["loaded"], self.counts["rows"],
                  self.counts["quarantined"], self.counts["refused"])
@@ -461,13 +502,16 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------
     def _step(self) -> None:
+        # The resource guard holds new files back (they wait on the topic);
+        # those in flight finish.
         if not self.stopping and len(self.in_flight) < self.max_in_flight \
-                and self.end_of_run_offset is None:
+                and self.end_of_run_offset is None and not self.guard.short():
             try:
                 records = self.reader.poll(timeout_ms=200 if self.in_flight else 1000)
             except (KafkaError, OSError) as exc:
                 # A link that fails reaches kafka-python's metadata refresh and
                 # coordinator inside poll(): wait and poll again, never die.
+                self.metrics.broker_errors.labels(self.pcfg.name).inc()
                 if not self.broker_lost:
                     log.warning("the broker at %s is not answering (%s: %s); waiting for it",
                                 self.cfg.kafka.bootstrap, type(exc).__name__, exc)
@@ -484,6 +528,8 @@ class Worker:
                     self.broker_lost = False
             elif not self.in_flight and time.monotonic() - self.last_heard > IDLE_CHECK_SECONDS:
                 self._check_broker()
+        elif self.guard.reason and not self.in_flight:
+            self._sleep(0.5)
         self._start_due()
         running = [f.future for f in self.in_flight.values() if f.future]
         if running:
@@ -544,8 +590,25 @@ class Worker:
             self.unrecorded = offset
             return
         self.counts["refused"] += 1
-        log.error("refused offset %d of %s: %s (kept as %s; offset committed, nothing moved)",
-                  offset, self.topic, reason, where)
+        name, sha256 = str(record.get("original_name") or ""), record.get("sha256")
+        log.error("refused offset %d of %s%s: %s (kept as %s; offset committed, nothing moved)",
+                  offset, self.topic, f" ({printable(name)}, {checksum(sha256)})" if name else "",
+                  reason, where, extra=about(name, sha256) if name else None)
+        self._report(offset, "refused", reason=reason, file=name or None,
+                     sha256=sha256 if isinstance(sha256, str) else None)
+
+    def _lag(self, offset: int) -> int | None:
+        """Records on the partition after ``offset`` (the last fetch's view)."""
+        try:
+            end = self.reader.consumer.highwater(self.reader.tp)
+        except Exception:   # no fetch answered yet
+            return None
+        return None if end is None else max(0, end - offset - 1)
+
+    def _report(self, offset: int, outcome: str, **fields) -> None:
+        report = self.reports.write(outcome=outcome, topic=self.topic, partition=self.worker_id,
+                                    offset=offset, lag=self._lag(offset), **fields)
+        self.metrics.observe(report)
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -590,25 +653,37 @@ class Worker:
             except Exception as exc:
                 delay = item.backoff.delay(getattr(exc, "retry_after", None))
                 item.future, item.retry_at = None, time.monotonic() + delay
-                log.warning("could not load %s (%s: %s); offset %d not committed, retry %d in %.0f s",
-                            printable(ann.original_name), type(exc).__name__, exc, offset,
-                            item.backoff.attempts, delay)
+                if isinstance(exc, StoreError):
+                    self.metrics.store_errors.labels(self.pcfg.name).inc()
+                log.warning("could not load %s (%s) (%s: %s); offset %d not committed, retry %d "
+                            "in %.0f s", printable(ann.original_name), checksum(ann.sha256),
+                            type(exc).__name__, exc, offset, item.backoff.attempts, delay,
+                            extra=about(ann.original_name, ann.sha256))
                 continue
             del self.in_flight[offset]
             self._discard_prefetched(item)
             self.counts[outcome.status] += 1
+            name, tag = printable(ann.original_name), checksum(ann.sha256)
+            extra = about(ann.original_name, ann.sha256)
             if outcome.status == "loaded":
                 self.counts["rows"] += outcome.rows
                 parts = ", ".join(f"{p} ({n})" for p, n in sorted(outcome.partitions.items()))
-                log.info("loaded %s: %d rows in %.1f s into %s", printable(ann.original_name),
-                         outcome.rows, outcome.seconds, parts or "no partition (no rows)")
+                log.info("loaded %s (%s): %d rows in %.1f s into %s", name, tag, outcome.rows,
+                         outcome.seconds, parts or "no partition (no rows)", extra=extra)
                 if self.registrar is not None:
                     self.registrar.written(self.plugin.table, outcome.partitions)
             elif outcome.status == "refused":
-                log.error("refused offset %d of %s (%s): %s", offset, self.topic,
-                          printable(ann.original_name), outcome.detail)
+                log.error("refused offset %d of %s (%s, %s): %s", offset, self.topic, name, tag,
+                          outcome.detail, extra=extra)
             else:
-                log.error("quarantined %s: %s", printable(ann.original_name), outcome.detail)
+                log.error("quarantined %s (%s): %s", name, tag, outcome.detail, extra=extra)
+            self._report(offset, outcome.status, reason=outcome.reason or None,
+                         file=ann.original_name, sha256=ann.sha256, staged=item.staged,
+                         records=outcome.rows, bytes_in=ann.size, bytes_out=outcome.bytes_out,
+                         fetch_seconds=round(outcome.fetch_seconds, 4),
+                         convert_seconds=round(outcome.convert_seconds, 4),
+                         write_seconds=round(outcome.write_seconds, 4),
+                         seconds=round(outcome.seconds, 4), partitions=outcome.partitions)
         if broken:
             self._restart_pool()
 
@@ -630,8 +705,8 @@ class Worker:
 
 
 def run(cfg: IngestConfig, pipeline_name: str, worker_id: int, topic: str | None = None,
-        run_id: str | None = None) -> int:
-    worker = Worker(cfg, pipeline_name, worker_id, topic, run_id)
+        run_id: str | None = None, metrics_port: int | None = None) -> int:
+    worker = Worker(cfg, pipeline_name, worker_id, topic, run_id, metrics_port)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     try:

@@ -56,9 +56,17 @@ class ProxyPipeline(RecordPipeline):
     schema = TABLE_SCHEMA
     partition_schema = STRING_PARTITIONS
     sort_by = ("host",)
+    event_time_columns = ("p_date", "p_time")
     default_supported_files = (".log", ".log.gz", ".txt")
     default_fields = ORIGINAL_FIELDS
 
+
+    def event_seconds(self, table: pa.Table) -> pa.Array:
+        """``p_date`` and ``p_time`` (UTC) as seconds since the epoch."""
+        import pyarrow.compute as pc
+        moment = pc.binary_join_element_wise(table.column("p_date"), table.column("p_time"), " ")
+        stamps = pc.strptime(moment, format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
+        return pc.cast(pc.cast(stamps, pa.int64()), pa.int64())
     def fields_header(self, line: bytes) -> tuple[str, str | None] | None:
         if line.startswith(b"#Fields:"):
             return check_fields(line[len(b"#Fields:"):], "the #Fields: header")
