@@ -223,6 +223,19 @@ def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason
     return set_aside(pcfg.local_staging / "quarantine" / pcfg.name, name, data, reason)
 
 
+def _sha256(path: Path) -> str | None:
+    """The checksum of a file set aside (for its log line and report)."""
+    import hashlib
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 class PipelineLock:
     """One master per pipeline per host: a second one is refused, not raced."""
 
@@ -498,9 +511,10 @@ class Master:
         self.counts["announced"] += 1
         self.counts["pieces"] += count
         sha256 = item.staged[0].sha256 if count == 1 else None
-        log.info("staged and announced %s (%s; %d piece%s, %d bytes)", printable(item.relative),
-                 checksum(sha256) if sha256 else "split", count, "" if count == 1 else "s",
-                 sum(p.size for p in item.staged), extra=about(item.relative, sha256))
+        log.info("staged and announced %s (%d piece%s, %d bytes) [%s]", printable(item.relative),
+                 count, "" if count == 1 else "s", sum(p.size for p in item.staged),
+                 checksum(sha256) if sha256 else "split: each piece has its own sha256",
+                 extra=about(item.relative, sha256))
         self._report("staged", item, sha256=sha256, pieces=count,
                      staged=item.staged[0].location if count == 1 else None,
                      bytes_in=sum(p.size for p in item.staged))
@@ -551,11 +565,12 @@ class Master:
         except OSError as exc:
             log.error("could not set %s aside: %s", printable(str(item.path)), exc)
         what = "announced the readable part of" if partly_loaded else "rejected"
-        log.error("%s %s: %s; moved to %s", what, printable(str(item.path)), reason, dest,
-                  extra=about(item.relative, None))
+        sha256 = _sha256(dest) if dest is not None else None
+        log.error("%s %s: %s; moved to %s [%s]", what, printable(str(item.path)), reason, dest,
+                  checksum(sha256), extra=about(item.relative, sha256))
         self.counts["set_aside" if partly_loaded else "rejected"] += 1
         self._report("rejected", item, reason=reason, staged=str(dest) if dest else None,
-                     bytes_in=(item.taken or (0, 0, 0))[2])
+                     sha256=sha256, bytes_in=(item.taken or (0, 0, 0))[2])
         self._forget(key)
 
     def _report(self, outcome: str, item: _Work, **fields) -> None:

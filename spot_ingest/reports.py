@@ -77,7 +77,9 @@ class ReportWriter:
         self.common = {"pipeline": pipeline, "type": ptype, "table": table, "role": role,
                        "worker": worker, "host": socket.gethostname(), "pid": os.getpid()}
         who = f"{role}{'' if worker is None else worker}"
-        self.file_name = f"{who}-{socket.gethostname()}-{os.getpid()}-{int(time.time())}.jsonl"
+        self.stem = f"{who}-{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+        self.file_name = f"{self.stem}.jsonl"
+        self.rolls = 0
         self.waiting: list[tuple[str, bytes]] = []   # (day folder, lines) not yet written
         self.failing = False
         self.dropped = 0
@@ -111,6 +113,10 @@ class ReportWriter:
             try:
                 self.store.append(f"{self.table}/{REPORTS_DIR}", f"{day}/{self.file_name}", data)
             except (StoreError, OSError) as exc:
+                # An append that failed may have left part of a line: go on in
+                # a new file, so that no later line is glued to that part.
+                self.rolls += 1
+                self.file_name = f"{self.stem}.{self.rolls}.jsonl"
                 if not self.failing:
                     log.warning("could not write ingest reports to %s/%s (%s); %d report(s) "
                                 "wait in memory and are written with the next one (ingest goes "

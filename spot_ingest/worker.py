@@ -591,23 +591,32 @@ class Worker:
             return
         self.counts["refused"] += 1
         name, sha256 = str(record.get("original_name") or ""), record.get("sha256")
-        log.error("refused offset %d of %s%s: %s (kept as %s; offset committed, nothing moved)",
-                  offset, self.topic, f" ({printable(name)}, {checksum(sha256)})" if name else "",
-                  reason, where, extra=about(name, sha256) if name else None)
+        log.error("refused offset %d of %s%s: %s (kept as %s; offset committed, nothing moved)%s",
+                  offset, self.topic, f" ({printable(name)})" if name else "", reason, where,
+                  f" [{checksum(sha256 if isinstance(sha256, str) else None)}]" if name else "",
+                  extra=about(name, sha256) if name else None)
         self._report(offset, "refused", reason=reason, file=name or None,
                      sha256=sha256 if isinstance(sha256, str) else None)
 
-    def _lag(self, offset: int) -> int | None:
-        """Records on the partition after ``offset`` (the last fetch's view)."""
+    def _position(self) -> int:
+        """The offset to commit: everything below it is finished."""
+        position = min(self.in_flight) if self.in_flight else self.highest_seen + 1
+        if self.unrecorded is not None:   # a refusal not kept yet is not finished
+            position = min(position, self.unrecorded)
+        return position
+
+    def _lag(self) -> int | None:
+        """Records on the partition not finished yet (the last fetch's view
+        of the partition's end: no request)."""
         try:
             end = self.reader.consumer.highwater(self.reader.tp)
         except Exception:   # no fetch answered yet
             return None
-        return None if end is None else max(0, end - offset - 1)
+        return None if end is None else max(0, end - max(self._position(), 0))
 
     def _report(self, offset: int, outcome: str, **fields) -> None:
         report = self.reports.write(outcome=outcome, topic=self.topic, partition=self.worker_id,
-                                    offset=offset, lag=self._lag(offset), **fields)
+                                    offset=offset, lag=self._lag(), **fields)
         self.metrics.observe(report)
 
     def _start_due(self) -> None:
@@ -655,9 +664,9 @@ class Worker:
                 item.future, item.retry_at = None, time.monotonic() + delay
                 if isinstance(exc, StoreError):
                     self.metrics.store_errors.labels(self.pcfg.name).inc()
-                log.warning("could not load %s (%s) (%s: %s); offset %d not committed, retry %d "
-                            "in %.0f s", printable(ann.original_name), checksum(ann.sha256),
-                            type(exc).__name__, exc, offset, item.backoff.attempts, delay,
+                log.warning("could not load %s (%s: %s); offset %d not committed, retry %d in "
+                            "%.0f s [%s]", printable(ann.original_name), type(exc).__name__, exc,
+                            offset, item.backoff.attempts, delay, checksum(ann.sha256),
                             extra=about(ann.original_name, ann.sha256))
                 continue
             del self.in_flight[offset]
@@ -668,15 +677,15 @@ class Worker:
             if outcome.status == "loaded":
                 self.counts["rows"] += outcome.rows
                 parts = ", ".join(f"{p} ({n})" for p, n in sorted(outcome.partitions.items()))
-                log.info("loaded %s (%s): %d rows in %.1f s into %s", name, tag, outcome.rows,
-                         outcome.seconds, parts or "no partition (no rows)", extra=extra)
+                log.info("loaded %s: %d rows in %.1f s into %s [%s]", name, outcome.rows,
+                         outcome.seconds, parts or "no partition (no rows)", tag, extra=extra)
                 if self.registrar is not None:
                     self.registrar.written(self.plugin.table, outcome.partitions)
             elif outcome.status == "refused":
-                log.error("refused offset %d of %s (%s, %s): %s", offset, self.topic, name, tag,
-                          outcome.detail, extra=extra)
+                log.error("refused offset %d of %s (%s): %s [%s]", offset, self.topic, name,
+                          outcome.detail, tag, extra=extra)
             else:
-                log.error("quarantined %s (%s): %s", name, tag, outcome.detail, extra=extra)
+                log.error("quarantined %s: %s [%s]", name, outcome.detail, tag, extra=extra)
             self._report(offset, outcome.status, reason=outcome.reason or None,
                          file=ann.original_name, sha256=ann.sha256, staged=item.staged,
                          records=outcome.rows, bytes_in=ann.size, bytes_out=outcome.bytes_out,
@@ -697,11 +706,12 @@ class Worker:
 
     def _commit(self) -> None:
         # Everything below the oldest unfinished announcement is finished.
-        position = min(self.in_flight) if self.in_flight else self.highest_seen + 1
-        if self.unrecorded is not None:   # a refusal not kept yet is not finished
-            position = min(position, self.unrecorded)
+        position = self._position()
         if position > 0:
             self.committer.advance(position)
+        lag = self._lag()
+        if lag is not None:
+            self.metrics.lag.labels(self.pcfg.name, str(self.worker_id)).set(lag)
 
 
 def run(cfg: IngestConfig, pipeline_name: str, worker_id: int, topic: str | None = None,

@@ -8,6 +8,7 @@ Python's csv module.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -96,9 +97,9 @@ def make_logs(collector: Path, tmp_path: Path) -> tuple[list[dict], dict]:
 def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path):
     env = make_env("proxy", pipeline="proxy_test", ptype="proxy", supported_files=[".log"])
     env.data["spark-streaming"] = {"spark_batch_size": "2"}
-    import json
     env.config.write_text(json.dumps(env.data))
     expected, rejects = make_logs(env.collector, tmp_path)
+    logs = len(list(env.collector.glob("*.log")))
     result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), env.pipeline, "2", "--once",
                              "-c", str(env.config)], capture_output=True, text=True, timeout=600)
     assert result.returncode != 0, "a line was set aside by the master: the run reports it"
@@ -122,6 +123,14 @@ def test_logs_become_exactly_their_rows_with_rejects_counted(make_env, tmp_path)
     master_log = env.log(f"{env.pipeline}-master.log")
     assert "main27.log is 2000020 bytes, longer than a message may be" in master_log
     assert list((env.staging / "quarantine" / env.pipeline).glob("main27.log.line*"))
+    # The streaming job's reports, rolled up: the same rows and rejects.
+    report = json.loads(subprocess.run(
+        [sys.executable, "-m", "spot_ingest.cli", "report", "-t", env.pipeline, "-c",
+         str(env.config), "--json"], capture_output=True, text=True, timeout=120,
+        cwd=REPO, check=True).stdout)
+    assert report["batches"] >= 1 and report["records"] == len(expected)
+    assert report["rejected_lines"] == len(rejects)
+    assert report["files_received"] == logs
 
 
 def test_job_killed_mid_stream_restarts_from_its_checkpoint_exactly_once(make_env, tmp_path):
