@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -44,6 +45,7 @@ from .guard import ResourceGuard
 from .logs import about, checksum, printable
 from .metrics import Metrics
 from .reports import ReportWriter
+from .status import commit_metadata
 from .metastore import Registrar, start_registrar
 from .policy import Backoff, ExitCode, process_pool, until_done
 from .pipeline import BadInputError
@@ -261,9 +263,11 @@ class Committer(threading.Thread):
     VERIFY_SECONDS = 30.0
     WATCH_AFTER_FAILURE = 300.0
 
-    def __init__(self, make_reader, describe: str, on_confirmed=None, on_error=None):
+    def __init__(self, make_reader, describe: str, on_confirmed=None, on_error=None,
+                 metadata=None):
         super().__init__(daemon=True, name="committer")
         self.make_reader, self.describe = make_reader, describe
+        self.metadata = metadata     # () -> str committed with each offset (status reads it)
         self.on_confirmed, self.on_error = on_confirmed, on_error
         self.target = -1
         self.confirmed = -1
@@ -303,7 +307,7 @@ class Committer(threading.Thread):
                 if self.reader is None:
                     self.reader = self.make_reader()
                 if target > self.confirmed:
-                    self.reader.commit(target)
+                    self.reader.commit(target, self.metadata() if self.metadata else "")
                 held = self.reader.committed(timeout_ms=5000)
                 self.verified_at = time.monotonic()
             except Exception as exc:   # KafkaError, or a connection error below it
@@ -374,6 +378,7 @@ class Worker:
         self.signing_key = read_signing_key(cfg)
         self.registrar: Registrar | None = None
         self.metrics = Metrics(self.pcfg.name, "worker")
+        self.host = socket.gethostname()
         self.metrics_port = metrics_port if metrics_port is not None \
             else cfg.metrics.port("worker", worker_id)
         scratch = [self.pcfg.local_staging,
@@ -426,7 +431,8 @@ class Worker:
                  f"offset {start}" if start is not None else "the beginning", self.processes)
         self.committer = Committer(self._new_reader, f"{self.topic} partition {self.worker_id}",
                                    on_confirmed=lambda: self.metrics.committed(self.worker_id),
-                                   on_error=self.metrics.broker_errors.labels(self.pcfg.name).inc)
+                                   on_error=self.metrics.broker_errors.labels(self.pcfg.name).inc,
+                                   metadata=lambda: commit_metadata(self.worker_id, self.host))
         self.committer.confirmed = start if start is not None else -1
         self.committer.start()
         # Partitions are registered in the catalog (if any) by a thread: ingest never waits.

@@ -53,6 +53,27 @@ def cli(env, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+def check_status(status: dict, env, rows: int, bad) -> None:
+    parts = status["broker"]["partitions"]
+    assert sum(p["end"] for p in parts) == 4      # four announcements (no end-of-run: not --once)
+    assert all(p["lag"] == 0 and (p["committed"] == p["end"] or p["end"] == 0) for p in parts)
+    assert all(p["seconds_since_commit"] is not None and p["seconds_since_commit"] < 120
+               for p in parts if p["end"])
+    for window in ("last_hour", "last_day"):
+        w = status[window]
+        assert (w["staged"], w["loaded"], w["set_aside"], w["records"]) == (4, 3, 1, rows)
+        assert w["failures"] == {"quarantined": 1} and w["reasons"][0]["file"] == bad.name
+    assert status["collector"] == {"path": str(env.collector), "exists": True, "waiting": 0}
+    table = env.table()
+    newest = status["newest_partition"]
+    keys = dict(kv.split("=") for kv in newest["partition"].split("/"))
+    assert newest["rows"] == sum(1 for y, m, d, h in zip(*(table.column(k).to_pylist()
+                                                           for k in "ymdh"))
+                                 if (str(y), str(m), str(d), str(h)) ==
+                                 (keys["y"], keys["m"], keys["d"], keys["h"]))
+    assert newest["rows"] > 0 and status["stream"] is None
+
+
 def test_a_known_run_is_counted_reported_and_logged_as_json(env, nfcapd_files, tmp_path):
     good = nfcapd_files[:3]
     bad = tmp_path / "nfcapd.random"
@@ -117,8 +138,21 @@ def test_a_known_run_is_counted_reported_and_logged_as_json(env, nfcapd_files, t
     assert per_file == sorted([(name, "loaded", n) for name, n in rows_of.items()]
                               + [(bad.name, "quarantined", 0)])
 
+    # Status, while the processes run and after they stopped: the same numbers.
+    last = {}
+
+    def status_settled():
+        found = last["status"] = json.loads(cli(env, "status", "--json").stdout)
+        return found if all(p["lag"] == 0 for p in found["broker"]["partitions"]) else None
+    try:
+        status = wait_for(status_settled, 60, "status to show every partition committed")
+    except AssertionError:
+        raise AssertionError(json.dumps(last, indent=1)) from None
+    check_status(status, env, len(expected_rows), bad)
     env.stop_all()
     assert all(w.returncode in (0, 3) for w in workers)
+    check_status(json.loads(cli(env, "status", "--json").stdout), env, len(expected_rows), bad)
+    assert "newest partition:" in cli(env, "status").stdout
     # Every line of every log is one JSON object; lines about a file name it and its checksum.
     sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (*good, bad)}
     about = []
