@@ -153,6 +153,24 @@ def test_a_known_run_is_counted_reported_and_logged_as_json(env, nfcapd_files, t
     assert all(w.returncode in (0, 3) for w in workers)
     check_status(json.loads(cli(env, "status", "--json").stdout), env, len(expected_rows), bad)
     assert "newest partition:" in cli(env, "status").stdout
+
+    # The summary picture: a PNG, and the numbers it was drawn from equal the
+    # table's rows per 5 minutes (DuckDB over the table's files).
+    out = tmp_path / "summary"
+    cli(env, "summary", "--since", "1d", "--out", str(out))
+    png = out / f"ingest-summary-{env.pipeline}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    height, width = imread(str(png)).shape[:2]
+    assert width >= 800 and height >= 600
+    data = json.loads((out / f"ingest-summary-{env.pipeline}.json").read_text())
+    plotted = {s: n for s, n in zip(data["starts"], data["records"]) if n}
+    in_table = dict(duckdb.sql(
+        f"SELECT unix_tstamp // 300 * 300 AS s, count(*) FROM read_parquet('{env.hive}/**/*.parquet') "
+        f"WHERE unix_tstamp >= {data['since']} AND unix_tstamp < {data['until']} GROUP BY 1").fetchall())
+    assert plotted == in_table and sum(plotted.values()) == len(expected_rows)
+    assert (sum(data["files"]), sum(data["failures"])) == (3, 1)
+    assert f"data:image/png;base64," in (out / f"ingest-summary-{env.pipeline}.html").read_text()
     # Every line of every log is one JSON object; lines about a file name it and its checksum.
     sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (*good, bad)}
     about = []
