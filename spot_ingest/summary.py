@@ -109,6 +109,7 @@ def draw(data: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     def when(ts):
         return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
@@ -138,9 +139,11 @@ def draw(data: dict) -> bytes:
     bottom.set_xlim(when(data["since"]), when(data["until"]))
     bottom.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=dt.timezone.utc))
     bottom.set_xlabel("time (UTC)")
+    top.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     for ax in (top, middle, bottom):
         ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0, top=max(1, ax.get_ylim()[1]))
         if not any(data["records"]) and ax is top:
             ax.text(0.5, 0.5, "no data in this range", transform=ax.transAxes, ha="center",
                     va="center", fontsize=12, color="gray")
