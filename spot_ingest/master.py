@@ -66,6 +66,7 @@ class _Work:
     future: Future | None = None
     staged: list[StagedFile] = field(default_factory=list)
     damage: str | None = None
+    sha256: str | None = None         # of the whole file (Taken.sha256)
     announced: int = 0
     taken: tuple | None = None        # the file's fingerprint when it was taken
 
@@ -94,6 +95,7 @@ class Taken:
     damage: str | None = None     # the readable part was taken; the original is kept
     messages: int = 0             # messages published (and acknowledged)
     set_aside: int = 0            # lines set aside
+    sha256: str | None = None     # of the whole file, when it was split or published
 
 
 class Delivery(ABC):
@@ -138,7 +140,10 @@ class FileDelivery(Delivery):
             for i, piece in enumerate(pieces):
                 name = relative if len(pieces) == 1 else f"{relative}.{i:05d}"
                 staged.append(store.stage(piece, self.pcfg.type, name, collected_at))
-            return Taken(staged, damage)
+            # A split file's own checksum (each piece has its own): for its
+            # announcements, log lines and report.
+            whole = staged[0].sha256 if len(staged) == 1 and not damage else _sha256(path)
+            return Taken(staged, damage, sha256=whole)
         except registry.BadInputError as exc:
             raise RejectedFile(str(exc)) from None
         finally:
@@ -175,6 +180,7 @@ class LineDelivery(Delivery):
                     raise
                 raise RejectedFile(str(exc)) from None
             if item is None:
+                taken.sha256 = _sha256(path)
                 return taken
             if isinstance(item, lines.Message):
                 partition = balancer.choose()
@@ -457,16 +463,16 @@ class Master:
         fut, item.future = item.future, None
         try:
             taken: Taken = fut.result()
-            item.staged, item.damage = taken.pieces, taken.damage
+            item.staged, item.damage, item.sha256 = taken.pieces, taken.damage, taken.sha256
             if not taken.pieces:    # published whole: nothing to announce
                 self.counts["announced"] += 1
                 self.counts["pieces"] += taken.messages
                 self.counts["set_aside"] += taken.set_aside
-                log.info("published %s as %d message(s)%s", printable(item.relative),
+                log.info("published %s as %d message(s)%s [%s]", printable(item.relative),
                          taken.messages,
                          f"; {taken.set_aside} line(s) set aside" if taken.set_aside else "",
-                         extra=about(item.relative, None))
-                self._report("published", item, messages=taken.messages,
+                         checksum(taken.sha256), extra=about(item.relative, taken.sha256))
+                self._report("published", item, sha256=taken.sha256, messages=taken.messages,
                              rejects=taken.set_aside, bytes_in=(item.taken or (0, 0, 0))[2])
                 self._done(key, item)
         except RejectedFile as exc:
@@ -492,7 +498,7 @@ class Master:
                 original_name=item.relative if count == 1 else f"{item.relative} [{item.announced + 1}/{count}]",
                 collected_at=int(item.collected_at * 1000), collector_host=self.host,
                 chunk_index=item.announced, chunk_count=count,
-                source_sha256=None, run_id=self.run_id)
+                source_sha256=item.sha256 if count > 1 else None, run_id=self.run_id)
             try:   # what cannot be decoded must never be sent (and its file forgotten)
                 Announcement.decode(record.encode())
             except Exception as exc:
@@ -510,14 +516,13 @@ class Master:
             item.announced += 1
         self.counts["announced"] += 1
         self.counts["pieces"] += count
-        sha256 = item.staged[0].sha256 if count == 1 else None
+        sha256 = item.sha256 or (item.staged[0].sha256 if count == 1 else None)
         log.info("staged and announced %s (%d piece%s, %d bytes) [%s]", printable(item.relative),
                  count, "" if count == 1 else "s", sum(p.size for p in item.staged),
-                 checksum(sha256) if sha256 else "split: each piece has its own sha256",
-                 extra=about(item.relative, sha256))
+                 checksum(sha256), extra=about(item.relative, sha256))
         self._report("staged", item, sha256=sha256, pieces=count,
                      staged=item.staged[0].location if count == 1 else None,
-                     bytes_in=sum(p.size for p in item.staged))
+                     bytes_in=item.taken[2] if item.taken else sum(p.size for p in item.staged))
         self._done(key, item)
 
     def _done(self, key: str, item: _Work) -> None:
@@ -565,7 +570,7 @@ class Master:
         except OSError as exc:
             log.error("could not set %s aside: %s", printable(str(item.path)), exc)
         what = "announced the readable part of" if partly_loaded else "rejected"
-        sha256 = _sha256(dest) if dest is not None else None
+        sha256 = item.sha256 or (_sha256(dest) if dest is not None else None)
         log.error("%s %s: %s; moved to %s [%s]", what, printable(str(item.path)), reason, dest,
                   checksum(sha256), extra=about(item.relative, sha256))
         self.counts["set_aside" if partly_loaded else "rejected"] += 1
