@@ -1011,11 +1011,13 @@ KAFKA_SOURCES = ("python", "spark")
 def _spark_options(top: _Reader) -> dict:
     """The original's spark-streaming keys; empty values mean Spark's default."""
     section = top.section("spark-streaming", required=False)
-    # bind_address (new): where the driver and its UI listen; loopback by default.
+    # bind_address (new): where the driver and its UI listen; loopback by default;
+    # driver_host (new): the address executors reach the driver at; ui_port (new).
     # kafka_source (new): "python" (kafka-python, no jar) or "spark" (Spark's
     # own Kafka source; kafka_connector names its jar or Maven coordinate).
     for key, kind in (("spark_exec", "pos_int"), ("spark_executor_cores", "pos_int"),
                       ("spark_batch_size", "pos_num"), ("bind_address", "str"),
+                      ("driver_host", "str"), ("ui_port", "int"),
                       ("kafka_source", "str"), ("kafka_connector", "str")):
         if section.data.get(key) not in (None, ""):
             section.get(key, kind)   # raises with file, key and value if wrong

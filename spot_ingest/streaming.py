@@ -430,6 +430,18 @@ def _setting(cfg: IngestConfig, key: str) -> str:
 
 # -- the session --------------------------------------------------------------
 
+def _driver_host(cfg: IngestConfig, bind: str) -> str:
+    """The address executors reach the driver at: ``driver_host``, else the
+    bind address, else (bound to every address) this host's name."""
+    host = _setting(cfg, "driver_host")
+    if host:
+        return host
+    if bind in ("0.0.0.0", "::"):
+        import socket
+        return socket.getfqdn()
+    return bind
+
+
 def spark_session(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int, code_zip: str):
     from pyspark.sql import SparkSession
 
@@ -446,9 +458,11 @@ def spark_session(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int, code
                # A forged record with a header twice must not fail the batch.
                .config("spark.sql.mapKeyDedupPolicy", "LAST_WIN")
                .config("spark.driver.bindAddress", bind)
-               .config("spark.driver.host", bind)
+               .config("spark.driver.host", _driver_host(cfg, bind))
                .config("spark.local.dir", str(scratch))
                .config("spark.driver.extraJavaOptions", f"-Djava.io.tmpdir={scratch}"))
+    if _setting(cfg, "ui_port"):
+        builder = builder.config("spark.ui.port", _setting(cfg, "ui_port"))
     connector = _setting(cfg, "kafka_connector")
     if connector:
         builder = builder.config("spark.jars" if connector.endswith(".jar") else
