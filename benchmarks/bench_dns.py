@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from spot_ingest.pipelines.dns.sample import make_dns_capture  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
+from spot_ingest.config import load  # noqa: E402
+from spot_ingest.standalone import RunProgress  # noqa: E402
 
 ORIGINAL_TSHARK = ["-E", "separator=,", "-E", "header=y", "-E", "occurrence=f", "-T", "fields",
                    "-e", "frame.time", "-e", "frame.time_epoch", "-e", "frame.len", "-e", "ip.src",
@@ -123,9 +125,17 @@ def main() -> None:
         sampler = TreePeak("bench_dns")
         sampler.start()
         start = time.perf_counter()
-        result = subprocess.run([str(REPO / "start_standalone_ingest.sh"), "bench_dns", "2",
-                                 "--once", "-c", str(conf)], capture_output=True, text=True)
+        tracker = RunProgress(load(conf), "bench_dns", "dns", total=1)
+        proc = subprocess.Popen([str(REPO / "start_standalone_ingest.sh"), "bench_dns", "2",
+                                 "--once", "-c", str(conf)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None:     # on a terminal: files and records done, the rate
+            tracker.poll()
+            time.sleep(0.2)
+        out, err = proc.communicate()
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         b = time.perf_counter() - start
+        tracker.close()
         sampler.stop.set()
     if result.returncode != 0:
         raise SystemExit(f"ingest failed:\n{result.stdout}\n{result.stderr[-3000:]}")

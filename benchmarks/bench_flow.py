@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from spot_ingest.pipelines.flow.sample import make_nfcapd_file  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.bus import Announcement, Announcer, ensure_topic  # noqa: E402
-from spot_ingest.config import KafkaConfig  # noqa: E402
+from spot_ingest.config import KafkaConfig, load  # noqa: E402
+from spot_ingest.standalone import RunProgress  # noqa: E402
 from spot_ingest.store import LocalStore  # noqa: E402
 
 
@@ -155,10 +156,15 @@ def run_worker(workdir: Path, bootstrap: str, srcs, processes: int, cores: str |
     pin = ["taskset", "-c", cores] if cores else []
     before = _busy_cpu_seconds()
     start = time.perf_counter()
-    proc = subprocess.run([*pin, sys.executable, "-m", "spot_ingest.cli", "worker", "-t", "bench",
-                           "-i", "0", "-c", str(conf), "--run-id", run], stdout=log,
-                          stderr=subprocess.STDOUT, cwd=REPO)
+    tracker = RunProgress(load(conf), "bench", "flow", total=len(srcs))
+    proc = subprocess.Popen([*pin, sys.executable, "-m", "spot_ingest.cli", "worker", "-t", "bench",
+                             "-i", "0", "-c", str(conf), "--run-id", run], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO)
+    while proc.poll() is None:     # on a terminal: files and records done, the rate
+        tracker.poll()
+        time.sleep(0.2)
     wall = time.perf_counter() - start
+    tracker.close()
     cpu = _busy_cpu_seconds() - before
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed; see {root / 'worker.log'}")

@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 from . import pipeline as registry
 from .config import IngestConfig
 from .store import Store, StoreError, open_store
+from .progress import progress
 from .units import parse_duration, parse_size  # noqa: F401  (the command line's)
 from .warehouse import INPUTS_KEY, MERGED_PREFIX, file_inputs, read_footer
 
@@ -412,30 +413,39 @@ def compact_table(store: Store, plugin: registry.Pipeline,
                 partitions.setdefault("/".join(parts[:-1]), []).append((parts[-1], size, mtime))
         now = time.time() if now is None else now
         todo = sorted(partitions)
-        for done, rel_dir in enumerate(todo, 1):
-            files = partitions[rel_dir]
-            if not needs_compaction([(n, sz) for n, sz, _ in files], target_size):
-                continue
-            if max(m for _, _, m in files) > now - older_than:
-                summary.skipped_open += 1
-                continue
-            try:
-                n_out, b_out, rows, dups = compact_partition(
-                    store, plugin, rel_dir, [(n, s) for n, s, _ in files], target_size, codec,
-                    sort)
-            except CompactionError as exc:
-                log.error("%s; partition %s/hive/%s left as it is", exc, table, rel_dir)
-                summary.failed.append(str(exc))
-                continue
-            b_in = sum(s for _, s, _ in files)
-            summary.partitions += 1
-            summary.files_in += len(files)
-            summary.files_out += n_out
-            summary.bytes_in += b_in
-            summary.bytes_out += b_out
-            summary.rows += rows
-            summary.duplicates += dups
-            log.info("%s/hive/%s: %d files (%d bytes) -> %d (%d bytes), %d rows "
-                     "[%d/%d partitions]", table, rel_dir, len(files), b_in, n_out, b_out, rows,
-                     done, len(todo))
+        with progress(len(todo), "partition", f"compact {table}") as bar:
+            for done, rel_dir in enumerate(todo, 1):
+                bar.update(1)
+                _compact_one(store, plugin, rel_dir, partitions[rel_dir], done, len(todo),
+                             older_than, target_size, codec, sort, now, summary)
+                bar.set_postfix_str(f"{summary.rows:,} rows, {summary.partitions} compacted")
     return summary
+
+
+def _compact_one(store: Store, plugin: registry.Pipeline, rel_dir: str, files: list,
+                 done: int, count: int, older_than: float, target_size: int, codec: str,
+                 sort: bool, now: float, summary: Summary) -> None:
+    """One partition of ``compact_table``, counted in ``summary``."""
+    table = plugin.table
+    if not needs_compaction([(n, sz) for n, sz, _ in files], target_size):
+        return
+    if max(m for _, _, m in files) > now - older_than:
+        summary.skipped_open += 1
+        return
+    try:
+        n_out, b_out, rows, dups = compact_partition(
+            store, plugin, rel_dir, [(n, s) for n, s, _ in files], target_size, codec, sort)
+    except CompactionError as exc:
+        log.error("%s; partition %s/hive/%s left as it is", exc, table, rel_dir)
+        summary.failed.append(str(exc))
+        return
+    b_in = sum(s for _, s, _ in files)
+    summary.partitions += 1
+    summary.files_in += len(files)
+    summary.files_out += n_out
+    summary.bytes_in += b_in
+    summary.bytes_out += b_out
+    summary.rows += rows
+    summary.duplicates += dups
+    log.info("%s/hive/%s: %d files (%d bytes) -> %d (%d bytes), %d rows [%d/%d partitions]",
+             table, rel_dir, len(files), b_in, n_out, b_out, rows, done, count)

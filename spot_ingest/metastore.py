@@ -41,6 +41,7 @@ from .catalog import (CatalogError, TableSpec, add_partitions_statement, create_
                       qualified_name, quoted, table_specs)
 from .config import CatalogConfig, IngestConfig
 from .policy import Backoff, RetryLater
+from .progress import progress
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -411,8 +412,11 @@ def sync(cfg: IngestConfig, spec: TableSpec, catalog: Catalog, store: Store | No
     stored = stored_partitions(store or open_store(cfg.store), spec)
     known = catalog.partitions(cfg.dbname, spec)
     missing = sorted(stored - known)
-    if missing:
-        catalog.add_partitions(cfg.dbname, spec, missing)
+    with progress(len(missing), "partition", f"register {spec.name}") as bar:
+        for start in range(0, len(missing), ADD_BATCH):
+            chunk = missing[start:start + ADD_BATCH]
+            catalog.add_partitions(cfg.dbname, spec, chunk)
+            bar.update(len(chunk))
     return len(missing), len(stored & known)
 
 

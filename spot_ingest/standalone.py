@@ -242,6 +242,7 @@ def main(argv=None) -> int:
                                   *metrics("master")],
                        cfg.log_dir / f"{pcfg.name}-master.log")
         children.append(master)
+        tracker = RunProgress(cfg, pcfg.name, plugin.table) if once else None
         for child in children:
             child.start()
         log.info("started master and %s for %s; logs in %s", ", ".join(c.role for c in children[:-1]),
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
         log.info("metrics: %s", ", ".join(
             f"{'streaming job' if role == 'stream' else role}{f' {i}' if role == 'worker' else ''} "
             f"http://{cfg.metrics.address}:{port}/metrics" for (role, i), port in ports.items()))
-        failed = _supervise(children, once, stop)
+        failed = _supervise(children, once, stop, tracker)
     except (BrokerError, BusError) as exc:
         log.error("%s", exc)
         failed = True
@@ -272,10 +273,55 @@ def main(argv=None) -> int:
     return ExitCode.ERROR if failed else ExitCode.OK
 
 
-def _supervise(children: list[Child], once: bool, stop: dict) -> bool:
+class RunProgress:
+    """Files and records of a ``--once`` run done so far, on a terminal: read
+    from the ingest reports the run's processes write (about once a second).
+    The benchmarks use it too, beside the processes they start."""
+
+    def __init__(self, cfg: IngestConfig, pipeline: str, table: str, total: int | None = None):
+        from .progress import on_terminal, progress
+        from .status import waiting_files
+        self.cfg, self.pipeline, self.table = cfg, pipeline, table
+        self.started = time.time()
+        if total is None:
+            total = waiting_files(cfg.pipeline(pipeline))["waiting"]
+        self.bar = progress(total, "file", f"{pipeline}")
+        self.enabled = on_terminal()
+        self.read_at = 0.0
+        self.files = 0
+
+    def poll(self) -> None:
+        if not self.enabled or time.monotonic() - self.read_at < 1.0:
+            return
+        self.read_at = time.monotonic()
+        from .reports import read_reports
+        try:
+            found = read_reports(open_store(self.cfg.store), self.table, self.started).reports
+        except Exception:   # noqa: BLE001  (progress only: the run goes on)
+            return
+        mine = [r for r in found if r.get("pipeline") == self.pipeline]
+        files = sum(1 for r in mine if r.get("outcome") in ("loaded", "quarantined", "refused",
+                                                            "rejected", "published"))
+        records = sum(int(r.get("records") or 0) for r in mine
+                      if r.get("outcome") in ("loaded", "batch"))
+        self.bar.update(files - self.files)
+        self.files = files
+        rate = records / max(1e-6, time.time() - self.started)
+        self.bar.set_postfix_str(f"{records:,} records, {rate:,.0f}/s")
+
+    def close(self) -> None:
+        self.read_at = 0.0
+        self.poll()
+        self.bar.close()
+
+
+def _supervise(children: list[Child], once: bool, stop: dict,
+               tracker: RunProgress | None = None) -> bool:
     """Wait for the run to end; return True if anything failed."""
     failed = False
     while not stop["requested"]:
+        if tracker is not None:
+            tracker.poll()
         running = 0
         for child in children:
             code = child.proc.poll()
@@ -287,6 +333,8 @@ def _supervise(children: list[Child], once: bool, stop: dict) -> bool:
         if once and running == 0:
             break
         time.sleep(0.2)
+    if tracker is not None:
+        tracker.close()
     return failed
 
 

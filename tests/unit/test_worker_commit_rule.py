@@ -93,7 +93,7 @@ class FakePartition:
         with self.lock:
             return self.commits[-1] if self.commits else None
 
-    def commit(self, offset: int) -> None:
+    def commit(self, offset: int, metadata: str = "") -> None:
         with self.lock:
             self.commits.append(offset)
 
