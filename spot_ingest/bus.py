@@ -274,7 +274,8 @@ class Announcer:
     """Sends announcements and returns only once the broker has them."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, pipeline: str,
-                 max_request_size: int = 1_000_000, signing_key: bytes | None = None):
+                 max_request_size: int = 1_000_000, signing_key: bytes | None = None,
+                 retired=None):
         self.topic = topic
         self.partitions = partitions
         self.signing_key = signing_key
@@ -282,7 +283,8 @@ class Announcer:
             **client_kwargs(kafka), acks="all", linger_ms=0, retries=5,
             max_request_size=max(max_request_size, 1_000_000), client_id=f"spot-master-{pipeline}")
         try:
-            self.balancer = PartitionBalancer(kafka, topic, partitions, group_id(pipeline))
+            self.balancer = PartitionBalancer(kafka, topic, partitions, group_id(pipeline),
+                                              retired)
         except BaseException:
             self.producer.close(timeout=5)
             raise
@@ -317,13 +319,17 @@ class PartitionBalancer:
     Outstanding work is the partition's end offset minus its worker's
     committed offset, refreshed every few seconds and counted up locally in
     between. So a slow or stopped worker gets no new files while the others
-    are idle, and equal workers share files round-robin.
+    are idle, and equal workers share files round-robin. ``retired()`` (read
+    at each choice) names partitions whose worker is gone for good (see
+    ``spot_ingest.reassign``): they get nothing while another can take it.
     """
 
     REFRESH_SECONDS = 5.0
 
-    def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, group: str):
+    def __init__(self, kafka: KafkaConfig, topic: str, partitions: int, group: str,
+                 retired=None):
         self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self.retired_source, self.retired = retired, set()
         self.consumer = KafkaConsumer(**client_kwargs(kafka), group_id=group,
                                       enable_auto_commit=False, client_id=f"{group}-balancer")
         self.lag = [0] * partitions
@@ -341,11 +347,28 @@ class PartitionBalancer:
             self.lag = [0] * len(self.tps)
         self.refreshed = time.monotonic()
 
+    def _read_retired(self) -> None:
+        """At every choice (a listing of a small folder in the store, cheap
+        beside staging a file): a reassignment counts from the next file."""
+        if self.retired_source is None:
+            return
+        try:
+            retired = self.retired_source()
+        except Exception as exc:   # noqa: BLE001  (the store away: keep the last view)
+            log.debug("could not read retired partitions: %s", exc)
+            return
+        if retired != self.retired and retired:
+            log.info("partition(s) %s retired (their worker is gone; see spot-ingest "
+                     "reassign): no new work for them", ", ".join(map(str, sorted(retired))))
+        self.retired = retired
+
     def choose(self) -> int:
         if time.monotonic() - self.refreshed > self.REFRESH_SECONDS:
             self._refresh()
+        self._read_retired()
         n = len(self.tps)
         order = [(self.next_rr + i) % n for i in range(n)]
+        order = [p for p in order if p not in self.retired] or order
         best = min(order, key=lambda p: self.lag[p])
         self.next_rr = (best + 1) % n
         return best

@@ -278,6 +278,11 @@ def report_main(argv=None) -> int:
     return ExitCode.OK
 
 
+def reassign_main(argv=None) -> int:
+    from .reassign import main
+    return main(argv)
+
+
 def status_main(argv=None) -> int:
     from .status import main
     return main(argv)
@@ -293,7 +298,7 @@ def main(argv=None) -> int:
     commands = {"master": master_main, "worker": worker_main, "stream": stream_main,
                 "standalone": standalone_main, "ddl": ddl_main,
                 "catalog": catalog_main, "compact": compact_main, "status": status_main,
-                "report": report_main, "summary": summary_main}
+                "report": report_main, "summary": summary_main, "reassign": reassign_main}
     if not argv or argv[0] not in commands:
         print(f"usage: spot-ingest {{{','.join(commands)}}} ... (each takes --help)",
               file=sys.stderr)

@@ -36,6 +36,7 @@ from .config import IngestConfig, PipelineConfig, read_signing_key
 from .kafka_security import client_kwargs
 from .logs import about, checksum, printable
 from .metrics import Metrics
+from .reassign import retired_partitions
 from .reports import ReportWriter
 from .policy import Backoff, ExitCode, process_pool, until_done
 from .store import SourceError, StagedFile, open_store, set_aside
@@ -350,7 +351,8 @@ class Master:
         self.delivery.check()
         self.announcer = retry_kafka(
             lambda: Announcer(kafka, self.pcfg.topic, self.workers, self.pcfg.name,
-                              kafka.message_size, signing_key=read_signing_key(self.cfg)),
+                              kafka.message_size, signing_key=read_signing_key(self.cfg),
+                              retired=lambda: retired_partitions(self.store, self.pcfg)),
             f"connect to Kafka at {kafka.bootstrap}", kafka=kafka)
         self.ledger = None if self.pcfg.delete_collected else Ledger(self.pcfg)
         self.watcher = CollectorWatcher(self.pcfg.collector_path, self.pcfg.supported_files,

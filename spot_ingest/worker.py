@@ -44,6 +44,7 @@ from .config import IngestConfig, PipelineConfig, StoreLocation, read_signing_ke
 from .guard import ResourceGuard
 from .logs import about, checksum, printable
 from .metrics import Metrics
+from .reassign import rejoin
 from .reports import ReportWriter
 from .status import commit_metadata
 from .metastore import Registrar, start_registrar
@@ -416,6 +417,13 @@ class Worker:
         if removed:
             log.info("removed %d temporary file(s) left by an earlier run", removed)
         self.metrics.serve(self.cfg.metrics.address, self.metrics_port)
+        try:
+            if rejoin(self.store, self.pcfg, self.worker_id):
+                log.info("partition %d was retired (its backlog reassigned); worker %d is back "
+                         "and takes new work again", self.worker_id, self.worker_id)
+        except (StoreError, OSError) as exc:
+            log.warning("could not clear partition %d's retired mark (%s); the master may send "
+                        "it no new work", self.worker_id, exc)
         self.reports = ReportWriter(self.store, self.plugin.table, self.pcfg.name, self.pcfg.type,
                                     "worker", self.worker_id)
         self.reader = self._connect()
