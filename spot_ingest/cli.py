@@ -228,6 +228,7 @@ def report_main(argv=None) -> int:
     import json
     import time
 
+    from .logs import printable
     from .reports import read_reports, rollup
     from .store import StoreError, open_store
     from .units import parse_duration
@@ -272,7 +273,8 @@ def report_main(argv=None) -> int:
     print("set aside: " + (", ".join(f"{n} {k}" for k, n in sorted(failures.items()))
                            if failures else "none"))
     for item in summary["set_aside"][-20:]:
-        print(f"  {item['time']} {item['outcome']} {item['file']}: {item['reason']}")
+        print(f"  {item['time']} {item['outcome']} {printable(str(item['file']))}: "
+              f"{printable(str(item['reason']))[:300]}")
     if found.broken_lines:
         print(f"({found.broken_lines} report line(s) could not be read: cut by a crash?)")
     return ExitCode.OK

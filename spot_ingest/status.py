@@ -38,6 +38,7 @@ import time
 
 from . import pipeline as registry
 from .config import IngestConfig, PipelineConfig
+from .logs import printable
 from .policy import ExitCode
 from .reports import iso, read_reports, rollup
 from .store import Store, open_store
@@ -199,7 +200,8 @@ def render(status: dict) -> str:
         out.append(f"{label}: {w['staged']} staged, {w['loaded']} loaded, {w['set_aside']} set "
                    f"aside{f' ({failures})' if failures else ''}, {w['records']} records")
     for r in status["last_day"]["reasons"][-5:]:
-        out.append(f"  {r['time']} {r['outcome']} {r['file']}: {r['reason']}")
+        out.append(f"  {r['time']} {r['outcome']} {printable(str(r['file']))}: "
+                   f"{printable(str(r['reason']))[:300]}")
     newest = status["newest_partition"]
     out.append("newest partition: " + ("none yet" if newest is None else
                                        f"{newest['partition']}, {newest['rows']} rows in "
