@@ -101,10 +101,11 @@ def test_announcement_round_trip_and_version_byte():
         Announcement.decode(b"\x02" + data[1:])
 
 
-def balancer(lags):
+def balancer(lags, retired=None):
     b = PartitionBalancer.__new__(PartitionBalancer)
     b.tps = [SimpleNamespace(partition=p) for p in range(len(lags))]
     b.lag, b.next_rr, b.refreshed = list(lags), 0, float("inf")   # no refresh from a broker
+    b.retired_source, b.retired = retired, set()
     return b
 
 
@@ -124,6 +125,16 @@ def test_balancer_steers_away_from_a_backlog():
 
 def test_balancer_is_round_robin_between_equals():
     assert picks(balancer([0, 0, 0]), 6) == [0, 1, 2, 0, 1, 2]
+
+
+def test_balancer_gives_a_retired_partition_nothing_until_it_is_back():
+    retired = {1}
+    b = balancer([0, 0, 0], lambda: set(retired))
+    assert picks(b, 4) == [0, 2, 0, 2], "a reassigned worker's partition gets nothing new"
+    retired.clear()                       # its worker started again
+    assert 1 in picks(b, 3)
+    every = balancer([0, 0], lambda: {0, 1})
+    assert sorted(set(picks(every, 4))) == [0, 1], "all retired: files still go somewhere"
 
 
 def test_writer_as_a_block_commits_or_aborts(tmp_path):
