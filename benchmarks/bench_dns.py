@@ -91,8 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "spot-bench")
     parser.add_argument("--packets", type=int, default=1_000_000)
-    parser.add_argument("--pkt-num", type=int, default=100_000)
-    parser.add_argument("--worker-processes", type=int, default=2)
+    parser.add_argument("--pkt-num", type=int, default=None,
+                        help="packets per chunk (default: the pipeline's default)")
+    parser.add_argument("--worker-processes", type=int, default=None,
+                        help="conversion processes per worker (default: the cores shared "
+                             "among the host's workers)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     capture = make_capture(args.workdir, args.packets)
@@ -120,8 +123,10 @@ def main() -> None:
             "kafka": {"kafka_server": host, "kafka_port": port},
             "pipelines": {"bench_dns": {
                 "type": "dns", "collector_path": str(collector), "local_staging": str(root / "staging"),
-                "supported_files": [".pcap"], "pkt_num": args.pkt_num, "settle_seconds": 0.2,
-                "worker_processes": args.worker_processes, "topic": f"bench-dns-{run}"}}}))
+                "supported_files": [".pcap"], "settle_seconds": 0.2, "topic": f"bench-dns-{run}",
+                **({"pkt_num": args.pkt_num} if args.pkt_num else {}),
+                **({"worker_processes": args.worker_processes} if args.worker_processes
+                   else {})}}}))
         sampler = TreePeak("bench_dns")
         sampler.start()
         start = time.perf_counter()
@@ -142,8 +147,11 @@ def main() -> None:
     summary = [line for line in result.stdout.splitlines() if line.startswith("dns table")]
     print(f"(a) one tshark pass, original field list, to /dev/null   {a:6.2f} s")
     print(f"(b) whole pipeline, 2 workers, split to table            {b:6.2f} s   {summary[0]}")
-    print(f"speed-up a/b = {a / b:.2f}   (target >= 1.7; pkt_num {args.pkt_num}, "
-          f"{args.worker_processes} conversion processes per worker, {os.cpu_count()} cores)")
+    used = load(conf).pipeline("bench_dns")
+    print(f"speed-up a/b = {a / b:.2f}   (target >= 1.7; pkt_num {used.options.pkt_num}"
+          f"{'' if args.pkt_num else ' (default)'}, "
+          f"{args.worker_processes or max(1, (os.cpu_count() or 1) // 2)} conversion process(es) "
+          f"per worker{'' if args.worker_processes else ' (default)'}, {os.cpu_count()} cores)")
     for wid, (pss, rss) in sorted(sampler.peaks.items()):
         print(f"peak memory, worker {wid} with its pool and tshark processes: {pss / 1e6:.0f} MB "
               f"PSS (target < 500 MB); RSS summed over the processes, counting shared "

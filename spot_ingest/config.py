@@ -326,6 +326,21 @@ class IngestConfig:
                               f"'{pcfg.collector_path}' does not exist")
 
 
+ENV_HOST_WORKERS = "SPOT_INGEST_HOST_WORKERS"
+
+
+def default_worker_processes() -> int:
+    """Conversion processes per worker when the configuration sets none: the
+    host's cores shared among the workers it runs (``$SPOT_INGEST_HOST_WORKERS``,
+    which the standalone launcher sets; 1 if unset), so that a host never
+    runs more conversions (nfdump, tshark) than it has cores."""
+    try:
+        workers = max(1, int(os.environ.get(ENV_HOST_WORKERS, "1")))
+    except ValueError:
+        workers = 1
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def default_config_path() -> Path:
     return Path(os.environ.get(ENV_CONF) or REPO_ROOT / "ingest_conf.json")
 
@@ -485,7 +500,8 @@ def load(path: str | os.PathLike | None = None) -> IngestConfig:
             supported_files=section.get("supported_files", "str_list",
                                         tuple(plugin.default_supported_files)),
             topic=section.get("topic", "str", f"SPOT-INGEST-{name}"),
-            worker_processes=section.get("worker_processes", "pos_int", os.cpu_count() or 1),
+            worker_processes=section.get("worker_processes", "pos_int",
+                                         default_worker_processes()),
             settle_seconds=section.get("settle_seconds", "nonneg_num", 2.0),
             max_file_size=section.get("max_file_size", "pos_int", None),
             delete_collected=section.get("delete_collected", "bool", True),

@@ -94,6 +94,7 @@ class Taken:
     """What a staging process did with one collector file."""
     pieces: list[StagedFile] = field(default_factory=list)   # staged, to be announced
     damage: str | None = None     # the readable part was taken; the original is kept
+    announced: int = 0            # pieces staged and announced as they were split
     messages: int = 0             # messages published (and acknowledged)
     set_aside: int = 0            # lines set aside
     sha256: str | None = None     # of the whole file, when it was split or published
@@ -106,8 +107,10 @@ class Delivery(ABC):
     it raises ``RejectedFile`` for a file to set aside, ``SourceError`` for
     one that cannot be read now, and anything else for a fault to retry."""
 
-    def __init__(self, cfg: IngestConfig, pcfg: PipelineConfig, partitions: int):
+    def __init__(self, cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
+                 run_id: str | None = None):
         self.cfg, self.pcfg, self.partitions = cfg, pcfg, partitions
+        self.run_id, self.host = run_id, socket.gethostname()
 
     def check(self) -> None:
         """At start: what must hold before anything is taken."""
@@ -119,8 +122,27 @@ class Delivery(ABC):
     def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None: ...
 
 
+def piece_announcement(pcfg: PipelineConfig, piece: StagedFile, relative: str, index: int,
+                       count: int, host: str, run_id: str | None, collected_at: float,
+                       source_sha256: str | None) -> Announcement:
+    """The announcement of one staged piece (``count`` 0: pieces announced
+    as they are split, their number not known yet)."""
+    single = count == 1
+    return Announcement(
+        pipeline=pcfg.name, pipeline_type=pcfg.type, staged_path=piece.location, size=piece.size,
+        sha256=piece.sha256,
+        original_name=relative if single else
+        f"{relative} [{index + 1}/{count}]" if count else f"{relative} [{index + 1}]",
+        collected_at=int(collected_at * 1000), collector_host=host, chunk_index=index,
+        chunk_count=count, source_sha256=None if single else source_sha256, run_id=run_id)
+
+
 class FileDelivery(Delivery):
-    """Split (if the pipeline does), stage in the store; the master announces."""
+    """Split (if the pipeline does), stage in the store; the master announces.
+    A pipeline whose ``split`` yields its pieces one by one (a generator) has
+    each staged and announced here, in the staging process, as soon as it is
+    yielded, so that workers start on the first piece while the rest is being
+    split (``Taken.announced``)."""
 
     def take(self, path: Path, relative: str, collected_at: float) -> Taken:
         _check_size(path, self.pcfg)
@@ -133,6 +155,8 @@ class FileDelivery(Delivery):
         try:
             try:
                 pieces = plugin.split(path, workdir, self.pcfg)
+                if not isinstance(pieces, (list, tuple)):
+                    return self._stream(pieces, path, relative, collected_at, store)
             except registry.DamagedInputError as exc:
                 pieces, damage = exc.pieces, str(exc)
             if not pieces:    # nothing readable at all
@@ -150,9 +174,46 @@ class FileDelivery(Delivery):
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def _stream(self, pieces, path: Path, relative: str, collected_at: float, store) -> Taken:
+        """Stage and announce each piece as it comes (see the class)."""
+        announcer = self._announcer(store)
+        whole = _sha256(path)
+        taken = Taken(sha256=whole)
+        try:
+            for piece in pieces:
+                staged = store.stage(piece, self.pcfg.type, f"{relative}.{taken.announced:05d}",
+                                     collected_at)
+                piece.unlink(missing_ok=True)      # its scratch space, at once
+                announcer.announce(piece_announcement(
+                    self.pcfg, staged, relative, taken.announced, 0, self.host, self.run_id,
+                    collected_at, whole))
+                taken.announced += 1
+        except registry.BadInputError as exc:
+            if not taken.announced and not isinstance(exc, registry.DamagedInputError):
+                raise       # nothing readable: the file is rejected
+            taken.damage = str(exc)
+        if not taken.announced:
+            raise RejectedFile(taken.damage or "no data")
+        return taken
+
+    def _announcer(self, store) -> Announcer:
+        """One announcer per staging process, made at first use."""
+        global _piece_announcer
+        if _piece_announcer is None:
+            from .reassign import retired_partitions
+            kafka = self.cfg.kafka
+            _piece_announcer = Announcer(
+                kafka, self.pcfg.topic, self.partitions, self.pcfg.name, kafka.message_size,
+                signing_key=read_signing_key(self.cfg),
+                retired=lambda: retired_partitions(store, self.pcfg))
+        return _piece_announcer
+
     def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None:
         marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, run_id, host)
         announcer.announce(marker, partition)
+
+
+_piece_announcer = None
 
 
 class LineDelivery(Delivery):
@@ -217,10 +278,11 @@ class LineDelivery(Delivery):
 _line_clients = None
 
 
-def delivery_for(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int) -> Delivery:
+def delivery_for(cfg: IngestConfig, pcfg: PipelineConfig, partitions: int,
+                 run_id: str | None = None) -> Delivery:
     plugin = registry.load(pcfg.type)
     kind = LineDelivery if isinstance(plugin, registry.RecordPipeline) else FileDelivery
-    return kind(cfg, pcfg, partitions)
+    return kind(cfg, pcfg, partitions, run_id)
 
 
 def quarantine_local(pcfg: PipelineConfig, name: str, data: bytes | Path, reason: str) -> Path:
@@ -347,7 +409,7 @@ class Master:
                                     self.pcfg.name, self.pcfg.type, "master")
         kafka = self.cfg.kafka
         partitions = ensure_topic(kafka, self.pcfg.topic, self.workers)
-        self.delivery = delivery_for(self.cfg, self.pcfg, self.workers)
+        self.delivery = delivery_for(self.cfg, self.pcfg, self.workers, self.run_id)
         self.delivery.check()
         self.announcer = retry_kafka(
             lambda: Announcer(kafka, self.pcfg.topic, self.workers, self.pcfg.name,
@@ -466,7 +528,17 @@ class Master:
         try:
             taken: Taken = fut.result()
             item.staged, item.damage, item.sha256 = taken.pieces, taken.damage, taken.sha256
-            if not taken.pieces:    # published whole: nothing to announce
+            if taken.announced:     # staged and announced piece by piece as it was split
+                self.counts["announced"] += 1
+                self.counts["pieces"] += taken.announced
+                self.metrics.files_announced.labels(self.pcfg.name).inc(taken.announced)
+                log.info("staged and announced %s (%d pieces, each as it was split) [%s]",
+                         printable(item.relative), taken.announced, checksum(taken.sha256),
+                         extra=about(item.relative, taken.sha256))
+                self._report("staged", item, sha256=taken.sha256, pieces=taken.announced,
+                             bytes_in=(item.taken or (0, 0, 0))[2])
+                self._done(key, item)
+            elif not taken.pieces:    # published whole: nothing to announce
                 self.counts["announced"] += 1
                 self.counts["pieces"] += taken.messages
                 self.counts["set_aside"] += taken.set_aside
@@ -493,14 +565,9 @@ class Master:
     def _announce(self, key: str, item: _Work) -> None:
         count = len(item.staged)
         while item.announced < count:
-            piece = item.staged[item.announced]
-            record = Announcement(
-                pipeline=self.pcfg.name, pipeline_type=self.pcfg.type,
-                staged_path=piece.location, size=piece.size, sha256=piece.sha256,
-                original_name=item.relative if count == 1 else f"{item.relative} [{item.announced + 1}/{count}]",
-                collected_at=int(item.collected_at * 1000), collector_host=self.host,
-                chunk_index=item.announced, chunk_count=count,
-                source_sha256=item.sha256 if count > 1 else None, run_id=self.run_id)
+            record = piece_announcement(self.pcfg, item.staged[item.announced], item.relative,
+                                        item.announced, count, self.host, self.run_id,
+                                        item.collected_at, item.sha256)
             try:   # what cannot be decoded must never be sent (and its file forgotten)
                 Announcement.decode(record.encode())
             except Exception as exc:
@@ -513,7 +580,8 @@ class Master:
             except (KafkaError, BusError) as exc:
                 self._backoff(item, f"could not announce {printable(item.relative)}", exc)
                 return
-            log.debug("announced %s at partition %d offset %d", piece.location, partition, offset)
+            log.debug("announced %s at partition %d offset %d", record.staged_path, partition,
+                      offset)
             self.metrics.files_announced.labels(self.pcfg.name).inc()
             item.announced += 1
         self.counts["announced"] += 1

@@ -140,16 +140,23 @@ class FilePipeline(Pipeline):
         """Where the master makes the ``workdir`` handed to ``split``."""
         return cfg.local_staging
 
-    def split(self, path: Path, workdir: Path, cfg: PipelineConfig) -> list[Path]:
+    def split(self, path: Path, workdir: Path, cfg: PipelineConfig
+              ) -> list[Path] | Iterator[Path]:
         """Master side, in a staging process: the pieces of one finished
         capture to stage and announce, in order (default: the file itself).
+
+        A list is staged whole, then announced. A generator has each piece
+        staged and announced as soon as it is yielded (workers start while
+        the rest is being split); the engine may delete a piece once it has
+        it, and raising after some pieces keeps them announced.
 
         Pieces are written in ``workdir`` (fresh, removed by the engine
         afterwards). Must be deterministic: a master killed half-way splits
         the file again after a restart, and the workers absorb the repeat
         only because equal pieces have equal checksums. Raise
-        ``BadInputError`` for a file that cannot be split (it is set aside),
-        ``DamagedInputError`` for one that is only partly readable."""
+        ``BadInputError`` for a file that cannot be split (it is set aside;
+        a generator before yielding anything), ``DamagedInputError`` for one
+        that is only partly readable."""
         return [path]
 
     @abstractmethod

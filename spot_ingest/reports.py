@@ -41,7 +41,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from .store import Store, StoreError
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from . import pipeline as registry
 from .broker import BrokerError, EmbeddedBroker, is_listening
 from .bus import BusError, ensure_topic
-from .config import ConfigError, IngestConfig, StoreLocation, default_config_path, load
+from .config import (ENV_HOST_WORKERS, ConfigError, IngestConfig, StoreLocation,
+                     default_config_path, load)
 from .policy import ExitCode
 from .logs import setup_logging
 from .store import open_store
@@ -220,6 +221,8 @@ def main(argv=None) -> int:
         run_id = uuid.uuid4().hex if once else None
         extra = ["--run-id", run_id] if run_id else []
         streaming = isinstance(plugin, registry.RecordPipeline)
+        if not streaming:   # the host's cores shared among its workers (config.py)
+            os.environ[ENV_HOST_WORKERS] = str(args.workers)
         roles = [("master", 0)] + ([("stream", 0)] if streaming else
                                    [("worker", i) for i in range(args.workers)])
         ports = metrics_ports(cfg, roles)

@@ -75,10 +75,30 @@ def test_split_into_chunks_loses_and_doubles_nothing(capture, tmp_path):
     cfg = dns_config(tmp_path, pkt_num=150)
     work = tmp_path / "work"
     work.mkdir()
-    chunks = DNS.split(capture, work, cfg)
+    chunks = list(DNS.split(capture, work, cfg))
     assert len(chunks) == 6  # 800 packets (queries and answers) in chunks of 150
     rows = [r for c in chunks for r in dns_table_rows(convert(c))]
     assert sorted(rows, key=repr) == dns_reference_rows([capture])
+
+
+def test_chunks_come_while_editcap_is_still_splitting(capture, tmp_path):
+    """The split yields each chunk as soon as the next one is begun, so the
+    master stages and announces it while editcap goes on."""
+    big = tmp_path / "big.pcap"     # 25 copies of the 800 packets, one after the other
+    subprocess.run(["mergecap", "-a", "-F", "pcap", "-w", str(big), *[str(capture)] * 25],
+                   check=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    seen_at_first = None
+    count = 0
+    for chunk in DNS.split(big, work, dns_config(tmp_path, pkt_num=10)):
+        if seen_at_first is None:
+            seen_at_first = sum(1 for p in work.iterdir() if p.name.startswith("chunk"))
+        assert chunk.exists()
+        chunk.unlink()                 # as the master does once it has it staged
+        count += 1
+    assert count == 2000, "20,000 packets in chunks of 10"
+    assert seen_at_first < count, "the first chunk came before editcap had written them all"
 
 
 def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, caplog):
@@ -102,7 +122,7 @@ def test_text_file_named_pcap_is_bad_input(tmp_path):
     fake = tmp_path / "notes.pcap"
     fake.write_text("these are not packets\n" * 20)
     with pytest.raises(BadInputError, match="notes.pcap"):
-        DNS.split(fake, tmp_path, dns_config(tmp_path))
+        list(DNS.split(fake, tmp_path, dns_config(tmp_path)))
 
 
 def test_malformed_dns_packets_do_not_stop_the_decoder(tmp_path):

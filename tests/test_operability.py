@@ -170,7 +170,7 @@ def test_a_known_run_is_counted_reported_and_logged_as_json(env, nfcapd_files, t
         f"WHERE unix_tstamp >= {data['since']} AND unix_tstamp < {data['until']} GROUP BY 1").fetchall())
     assert plotted == in_table and sum(plotted.values()) == len(expected_rows)
     assert (sum(data["files"]), sum(data["failures"])) == (3, 1)
-    assert f"data:image/png;base64," in (out / f"ingest-summary-{env.pipeline}.html").read_text()
+    assert "data:image/png;base64," in (out / f"ingest-summary-{env.pipeline}.html").read_text()
     # Every line of every log is one JSON object; lines about a file name it and its checksum.
     sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (*good, bad)}
     about = []

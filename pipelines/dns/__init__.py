@@ -361,24 +361,49 @@ class DnsPipeline(FilePipeline):
     def scratch_dir(self, cfg: PipelineConfig) -> Path:
         return Path(cfg.options.split_dir) if cfg.options.split_dir else cfg.local_staging
 
-    def split(self, path: Path, workdir: Path, cfg: PipelineConfig) -> list[Path]:
+    def split(self, path: Path, workdir: Path, cfg: PipelineConfig) -> Iterator[Path]:
+        """``editcap -c pkt_num``, each chunk yielded as soon as editcap has
+        started the next one (or exited), so that workers decode the first
+        chunks while the rest is being split."""
         # editcap names chunks <prefix>_<5-digit index>_<timestamp>.<ext>.
-        result = subprocess.run(["editcap", "-c", str(cfg.options.pkt_num), str(path),
-                                 str(workdir / "chunk.pcapng")], capture_output=True,
-                                stdin=subprocess.DEVNULL)
-        message = result.stderr.decode("utf-8", "replace").strip()
-        if result.returncode != 0:
+        errors = workdir / "editcap.stderr"
+        with open(errors, "wb") as err:
+            proc = subprocess.Popen(["editcap", "-c", str(cfg.options.pkt_num), str(path),
+                                     str(workdir / "chunk.pcapng")], stdout=subprocess.DEVNULL,
+                                    stderr=err, stdin=subprocess.DEVNULL)
+        yielded: list[str] = []
+        try:
+            while True:
+                finished = proc.poll() is not None
+                chunks = sorted(p for p in workdir.iterdir()
+                                if p.name.startswith("chunk") and p.name not in yielded)
+                if finished:
+                    break
+                for chunk in chunks[:-1]:      # the newest may still be written
+                    yielded.append(chunk.name)
+                    yield chunk
+                if len(chunks) <= 1:
+                    time.sleep(0.05)
+        finally:
+            if proc.poll() is None:            # the caller stopped early
+                proc.kill()
+                proc.wait()
+        message = errors.read_text("utf-8", "replace").strip()
+        if proc.returncode != 0:
             raise BadInputError(f"editcap could not read {path}: {message}")
-        chunks = sorted(p for p in workdir.iterdir() if p.name.startswith("chunk"))
         # editcap exits 0 on a damaged or truncated capture, keeping only the
         # packets before the damage: say so, and let the master keep the original.
-        if CUT_SHORT in message or DAMAGED in message:
-            kept = (len(chunks) - 1) * cfg.options.pkt_num + _packets(chunks[-1]) if chunks else 0
+        damaged = CUT_SHORT in message or DAMAGED in message
+        kept = (len(yielded) + len(chunks) - 1) * cfg.options.pkt_num + _packets(chunks[-1]) \
+            if damaged and chunks else 0
+        for chunk in chunks:
+            yielded.append(chunk.name)
+            yield chunk
+        if damaged:
             raise DamagedInputError(
                 f"{path} is damaged or truncated: {kept} packet(s) before the damage are "
                 f"loaded, the rest of its {path.stat().st_size} bytes is not "
-                f"({' '.join(message.split())})", chunks)
-        return chunks
+                f"({' '.join(message.split())})", [])
 
     # -- worker side -------------------------------------------------------
     def tshark_command(self, path: Path, opts: DnsOptions | None = None) -> list[str]:
