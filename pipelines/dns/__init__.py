@@ -273,7 +273,7 @@ class DnsOptions:
     """The dns pipeline's options: packets per chunk (``pkt_num``), where the
     master splits (``pcap_split_staging``), and what ``process_opt`` adds to
     tshark: allowed options and display filters (each ANDed with responses)."""
-    pkt_num: int = 650_000
+    pkt_num: int = 100_000
     split_dir: str | None = None
     tshark_args: tuple[str, ...] = ()
     filters: tuple[str, ...] = ()
@@ -293,7 +293,7 @@ class DnsPipeline(FilePipeline):
         return ["tshark" for _ in tools]   # Debian's tshark brings editcap
 
     def parse_options(self, raw, error) -> DnsOptions:
-        pkt_num = raw.get("pkt_num", 650_000)
+        pkt_num = raw.get("pkt_num", 100_000)
         try:
             pkt_num = _coerce(pkt_num, "pos_int")
         except (TypeError, ValueError):
