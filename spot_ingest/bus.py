@@ -162,7 +162,9 @@ def ensure_topic(kafka: KafkaConfig, topic: str, partitions: int, timeout: float
     """Create ``topic`` with ``partitions`` partitions, or check an existing one.
 
     A topic with fewer partitions than workers is grown when the broker allows
-    it; otherwise this refuses with a message saying what to do. An unreachable
+    it (``_grow``); otherwise this refuses with a message saying what to do. A
+    topic with more is left as it is (Kafka cannot shrink one): the caller
+    uses its first ``partitions``. Returns the topic's partition count. An unreachable
     broker is waited for (each retry logged), for ``timeout`` seconds or forever.
     A TLS or SASL refusal (see ``retry_kafka``) ends the wait at once when a
     timeout is given or ``security_fatal`` is true.
@@ -181,18 +183,57 @@ def ensure_topic(kafka: KafkaConfig, topic: str, partitions: int, timeout: float
             except TopicAlreadyExistsError:
                 existing = _partition_count(admin, topic)
         if existing < partitions:
-            try:
-                admin.create_partitions({topic: NewPartitions(partitions)})
-                log.info("grew topic %s from %d to %d partitions", topic, existing, partitions)
-                existing = partitions
-            except KafkaError as exc:
-                raise BusError(
-                    f"topic {topic} has {existing} partitions but {partitions} workers need one "
-                    f"each, and the broker refused to add partitions ({exc}). Start at most "
-                    f"{existing} workers, or set pipelines.<name>.topic to a new topic name") from None
+            existing = _grow(admin, topic, existing, partitions)
         return existing
     finally:
         admin.close()
+
+
+GROWTH_VISIBLE_SECONDS = 30.0
+
+
+def _grow(admin: KafkaAdminClient, topic: str, existing: int, partitions: int) -> int:
+    """Add partitions up to ``partitions`` (Kafka's CreatePartitions; a topic
+    never shrinks, so this is only ever asked for more). Refused by the
+    broker, this raises a BusError saying what to do: the master stops
+    rather than run workers that would never get a file (choice documented
+    in README, "Workers joining"). Grown by another master at the same time
+    counts as grown. Returns once the broker's metadata shows the new
+    partitions (at most ``GROWTH_VISIBLE_SECONDS``): a producer made right
+    after would otherwise refuse a send to a partition it does not know."""
+    try:
+        admin.create_partitions({topic: NewPartitions(partitions)})
+    except KafkaError as exc:
+        try:
+            now = _partition_count(admin, topic) or existing
+        except KafkaError:
+            now = existing
+        if now >= partitions:      # another master grew it meanwhile
+            log.info("topic %s has %d partitions (grown by another master)", topic, now)
+            return now
+        raise BusError(
+            f"topic {topic} has {existing} partitions but {partitions} workers need one each, "
+            f"and the broker refused to add partitions ({exc}). Start at "
+            f"most {existing} workers, or set pipelines.<name>.topic to a new topic name") from None
+    deadline = time.monotonic() + GROWTH_VISIBLE_SECONDS
+    now = existing
+    while True:
+        try:
+            now = _partition_count(admin, topic) or now
+        except KafkaError as exc:
+            log.debug("could not read topic %s's partitions: %s", topic, exc)
+        if now >= partitions or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if now < partitions:
+        log.warning("grew topic %s from %d to %d partitions, but the broker's metadata still "
+                    "shows %d after %.0f s; announcements to the new partitions may fail (and be "
+                    "retried) until it does", topic, existing, partitions, now,
+                    GROWTH_VISIBLE_SECONDS)
+    else:
+        log.info("grew topic %s from %d to %d partitions: workers %d to %d can start", topic,
+                 existing, partitions, existing, partitions - 1)
+    return partitions
 
 
 def _partition_count(admin: KafkaAdminClient, topic: str) -> int | None:

@@ -142,7 +142,34 @@ class FileDelivery(Delivery):
     A pipeline whose ``split`` yields its pieces one by one (a generator) has
     each staged and announced here, in the staging process, as soon as it is
     yielded, so that workers start on the first piece while the rest is being
-    split (``Taken.announced``)."""
+    split (``Taken.announced``).
+
+    What a kill at any point leaves, and why it is safe: the file stays in the
+    collector directory until every piece is announced (the master forgets it
+    only after ``take`` returned), so the next master splits it again; the
+    pieces are the same bytes (``split`` is deterministic), staged under the
+    same names (``<sha256 prefix>-<file>.<index>``), and a piece announced
+    twice is loaded into the same output file, so no row is doubled. Partial
+    copies in the store are removed at start (``Store.clean_incoming``), and
+    so are the split folders a killed master left in its scratch directory
+    (``check``)."""
+
+    def check(self) -> None:
+        """At start (under the pipeline's lock, so no other master of this
+        pipeline splits here): remove the split folders a killed master left
+        (named as ``take`` makes them: tempfile.mkdtemp's 8 characters after
+        ``<pipeline>-split-``)."""
+        import re
+        scratch = registry.load(self.pcfg.type).scratch_dir(self.pcfg)
+        prefix = f"{self.pcfg.name}-split-"
+        left = [p for p in scratch.iterdir() if p.name.startswith(prefix) and p.is_dir()
+                and re.fullmatch(r"[a-z0-9_]{8}", p.name[len(prefix):])] \
+            if scratch.is_dir() else []
+        for p in left:
+            shutil.rmtree(p, ignore_errors=True)
+        if left:
+            log.info("removed %d split folder(s) left in %s by a killed master", len(left),
+                     scratch)
 
     def take(self, path: Path, relative: str, collected_at: float) -> Taken:
         _check_size(path, self.pcfg)
@@ -152,6 +179,7 @@ class FileDelivery(Delivery):
         scratch.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.pcfg.name}-split-", dir=scratch))
         damage = None
+        pieces = None
         try:
             try:
                 pieces = plugin.split(path, workdir, self.pcfg)
@@ -172,10 +200,16 @@ class FileDelivery(Delivery):
         except registry.BadInputError as exc:
             raise RejectedFile(str(exc)) from None
         finally:
+            # A generator left early (a failed announcement) stops its tools
+            # before their folder goes.
+            if hasattr(pieces, "close"):
+                pieces.close()
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _stream(self, pieces, path: Path, relative: str, collected_at: float, store) -> Taken:
-        """Stage and announce each piece as it comes (see the class)."""
+        """Stage and announce each piece as it comes (see the class): piece k
+        is in the store and acknowledged by the broker before the split is
+        asked for piece k + 1."""
         announcer = self._announcer(store)
         whole = _sha256(path)
         taken = Taken(sha256=whole)
@@ -184,10 +218,19 @@ class FileDelivery(Delivery):
                 staged = store.stage(piece, self.pcfg.type, f"{relative}.{taken.announced:05d}",
                                      collected_at)
                 piece.unlink(missing_ok=True)      # its scratch space, at once
-                announcer.announce(piece_announcement(
-                    self.pcfg, staged, relative, taken.announced, 0, self.host, self.run_id,
-                    collected_at, whole))
+                record = piece_announcement(self.pcfg, staged, relative, taken.announced, 0,
+                                            self.host, self.run_id, collected_at, whole)
+                try:   # what cannot be decoded must never be sent (as Master._announce)
+                    Announcement.decode(record.encode())
+                except Exception as exc:
+                    raise RejectedFile(f"cannot be announced: the record does not decode "
+                                       f"({type(exc).__name__}: {exc}); collected_at "
+                                       f"{record.collected_at} ms") from None
+                partition, offset = announcer.announce(record)
                 taken.announced += 1
+                log.info("announced %s (%d bytes) at partition %d offset %d as it was split "
+                         "[%s]", printable(record.original_name), staged.size, partition, offset,
+                         checksum(staged.sha256), extra=about(record.original_name, staged.sha256))
         except registry.BadInputError as exc:
             if not taken.announced and not isinstance(exc, registry.DamagedInputError):
                 raise       # nothing readable: the file is rejected
@@ -197,16 +240,19 @@ class FileDelivery(Delivery):
         return taken
 
     def _announcer(self, store) -> Announcer:
-        """One announcer per staging process, made at first use."""
+        """One announcer per staging process (made at first use), for this
+        pipeline's topic and partitions; another is made if they differ."""
         global _piece_announcer
-        if _piece_announcer is None:
-            from .reassign import retired_partitions
+        key = (self.cfg.kafka.bootstrap, self.pcfg.topic, self.partitions)
+        if _piece_announcer is None or _piece_announcer[0] != key:
+            if _piece_announcer is not None:
+                _piece_announcer[1].close()
             kafka = self.cfg.kafka
-            _piece_announcer = Announcer(
+            _piece_announcer = key, Announcer(
                 kafka, self.pcfg.topic, self.partitions, self.pcfg.name, kafka.message_size,
                 signing_key=read_signing_key(self.cfg),
                 retired=lambda: retired_partitions(store, self.pcfg))
-        return _piece_announcer
+        return _piece_announcer[1]
 
     def end_of_run(self, announcer: Announcer, partition: int, run_id: str, host: str) -> None:
         marker = Announcement.end_of_run(self.pcfg.name, self.pcfg.type, run_id, host)

@@ -185,7 +185,7 @@ class MetastoreCatalog:
 
     def ensure_table(self, dbname: str, spec: TableSpec) -> bool:
         from pymetastore.hive_metastore.ttypes import (AlreadyExistsException, Database,
-                                                       NoSuchObjectException)
+                                                       GetTableRequest, NoSuchObjectException)
 
         def database(client):
             try:
@@ -198,8 +198,8 @@ class MetastoreCatalog:
         self._call(f"create database {dbname}", database)
 
         def table(client):
-            try:
-                client.get_table(dbname, spec.name)
+            try:   # get_table_req: Hive 4 no longer answers the older get_table
+                client.get_table_req(GetTableRequest(dbName=dbname, tblName=spec.name))
                 return False
             except NoSuchObjectException:
                 pass

@@ -147,13 +147,22 @@ class FilePipeline(Pipeline):
 
         A list is staged whole, then announced. A generator has each piece
         staged and announced as soon as it is yielded (workers start while
-        the rest is being split); the engine may delete a piece once it has
-        it, and raising after some pieces keeps them announced.
+        the rest is being split): piece k is in the store and acknowledged by
+        the broker before the generator is asked for piece k + 1, so yield a
+        piece only once it is complete, and as soon as it is. The engine may
+        delete a piece once it has it; it closes the generator if it stops
+        early (stop your tools in ``finally``); raising after some pieces
+        keeps them announced.
 
         Pieces are written in ``workdir`` (fresh, removed by the engine
-        afterwards). Must be deterministic: a master killed half-way splits
-        the file again after a restart, and the workers absorb the repeat
-        only because equal pieces have equal checksums. Raise
+        afterwards, and at the next start if the master was killed). Must be
+        deterministic: the same file gives the same pieces, byte for byte,
+        in the same order. A master killed half-way (some pieces announced,
+        the file still in the collector directory) splits the file again
+        after a restart and stages the pieces under the same names, and the
+        workers absorb the repeat only because equal pieces have equal
+        checksums (so a piece's bytes must not depend on the time, the host
+        or the piece's neighbours being split already). Raise
         ``BadInputError`` for a file that cannot be split (it is set aside;
         a generator before yielding anything), ``DamagedInputError`` for one
         that is only partly readable."""

@@ -81,26 +81,6 @@ def test_split_into_chunks_loses_and_doubles_nothing(capture, tmp_path):
     assert sorted(rows, key=repr) == dns_reference_rows([capture])
 
 
-def test_chunks_come_while_editcap_is_still_splitting(capture, tmp_path):
-    """The split yields each chunk as soon as the next one is begun, so the
-    master stages and announces it while editcap goes on."""
-    big = tmp_path / "big.pcap"     # 25 copies of the 800 packets, one after the other
-    subprocess.run(["mergecap", "-a", "-F", "pcap", "-w", str(big), *[str(capture)] * 25],
-                   check=True)
-    work = tmp_path / "work"
-    work.mkdir()
-    seen_at_first = None
-    count = 0
-    for chunk in DNS.split(big, work, dns_config(tmp_path, pkt_num=10)):
-        if seen_at_first is None:
-            seen_at_first = sum(1 for p in work.iterdir() if p.name.startswith("chunk"))
-        assert chunk.exists()
-        chunk.unlink()                 # as the master does once it has it staged
-        count += 1
-    assert count == 2000, "20,000 packets in chunks of 10"
-    assert seen_at_first < count, "the first chunk came before editcap had written them all"
-
-
 def test_truncated_capture_keeps_the_packets_before_the_cut(capture, tmp_path, caplog):
     data = capture.read_bytes()
     # Cut inside a packet (not on a record boundary): walk the pcap records.
@@ -178,6 +158,306 @@ def test_end_to_end_chunks_spread_over_workers(make_env, capture, tmp_path):
     assert "fake.pcap" in master_log and "editcap could not read" in master_log
     quarantined = list((env.staging / "quarantine" / env.pipeline).glob("fake.pcap*"))
     assert len(quarantined) == 2   # the file and its .reason.txt
+
+
+# --- Scale-out: chunks announced while the capture is split, a split redone ---
+
+def pcap_records(data: bytes) -> list[bytes]:
+    """The records (16-byte header and packet) of a classic little-endian pcap."""
+    import struct
+    pos, records = 24, []
+    while pos + 16 <= len(data):
+        end = pos + 16 + struct.unpack_from("<I", data, pos + 8)[0]
+        records.append(data[pos:end])
+        pos = end
+    return records
+
+
+def pcapng_packets(path: Path) -> list[bytes]:
+    """The packet bytes of each Enhanced Packet Block of a (little-endian)
+    pcapng file, in order: what editcap wrote into a chunk."""
+    import struct
+    data, pos, packets = path.read_bytes(), 0, []
+    while pos + 12 <= len(data):
+        kind, length = struct.unpack_from("<II", data, pos)
+        if kind == 6:
+            caplen = struct.unpack_from("<I", data, pos + 20)[0]
+            packets.append(data[pos + 28:pos + 28 + caplen])
+        pos += length
+    return packets
+
+
+def repeated(capture: Path, dest: Path, copies: int) -> Path:
+    """``copies`` time-shifted copies of the capture one after the other: the
+    same exchanges ``copies`` times, each row distinct (its time differs)."""
+    parts = []
+    for i in range(copies):
+        part = dest.parent / f"{dest.stem}.part{i}.pcap"
+        subprocess.run(["editcap", "-F", "pcap", "-t", str(i * 60), str(capture), str(part)],
+                       check=True)
+        parts.append(part)
+    subprocess.run(["mergecap", "-a", "-F", "pcap", "-w", str(dest), *map(str, parts)], check=True)
+    for part in parts:
+        part.unlink()
+    return dest
+
+
+def topic_records(bootstrap: str, topic: str) -> list:
+    """Every record of the topic."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records = []
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for batch in consumer.poll(timeout_ms=1000).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def drop(env, src: Path) -> None:
+    """Put a capture in the collector directory at once (renamed into place)."""
+    tmp = env.collector / f".{src.name}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, env.collector / src.name)
+
+
+def broker_pid(broker) -> int:
+    import psutil
+    for c in psutil.net_connections("tcp"):
+        if c.laddr and c.laddr.port == broker[1] and c.status == psutil.CONN_LISTEN:
+            return c.pid
+    raise AssertionError(f"nothing listens on port {broker[1]}")
+
+
+def test_a_chunk_comes_while_editcap_is_still_reading_the_capture(capture, tmp_path):
+    """Deterministic: editcap reads the capture from a FIFO that the test
+    holds open, so it cannot have finished when the first chunk is yielded."""
+    import threading
+    import psutil
+    data = capture.read_bytes()
+    records = pcap_records(data)
+    fifo = tmp_path / "live.pcap"
+    os.mkfifo(fifo)
+    rest = threading.Event()
+
+    def feed():
+        with open(fifo, "wb") as f:              # opens once editcap does
+            f.write(data[:24] + b"".join(records[:250]))  # chunks 1 and 2 whole, 3 begun
+            f.flush()
+            rest.wait(60)
+            f.write(b"".join(records[250:]))
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    work = tmp_path / "work"
+    work.mkdir()
+    chunks = DNS.split(fifo, work, dns_config(tmp_path, pkt_num=100))
+    first = next(chunks)
+    editcap = [p for p in psutil.Process().children() if p.name() == "editcap"]
+    assert editcap and editcap[0].status() != psutil.STATUS_ZOMBIE, \
+        "editcap is still reading when the first chunk comes"
+    assert pcapng_packets(first) == [r[16:] for r in records[:100]]
+    rest.set()
+    all_chunks = [first, *chunks]
+    feeder.join(10)
+    assert len(all_chunks) == 8
+    assert [p for c in all_chunks for p in pcapng_packets(c)] == [r[16:] for r in records]
+    rows = [r for c in all_chunks for r in dns_table_rows(convert(c))]
+    assert sorted(rows, key=repr) == dns_reference_rows([capture])
+
+
+def test_master_announces_each_chunk_before_it_asks_for_the_next(make_env, capture, tmp_path,
+                                                                  monkeypatch):
+    """The staging step (FileDelivery.take, as a master's staging process runs
+    it, with the real editcap, store and broker): when the split is asked
+    for chunk k + 1, chunk k is in the store and on the topic."""
+    from kafka import KafkaConsumer, TopicPartition
+    from spot_ingest import master
+    from spot_ingest.bus import Announcement, ensure_topic
+    from spot_ingest.config import load
+    env = make_env("dns", pipeline="dns_test", ptype="dns", pkt_num=100,
+                   supported_files=[".pcap"])
+    shutil.copyfile(capture, env.collector / "a.pcap")
+    cfg = load(env.config)
+    pcfg = cfg.pipeline("dns_test")
+    ensure_topic(cfg.kafka, pcfg.topic, 2)
+    consumer = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap, group_id=None)
+    tps = [TopicPartition(pcfg.topic, p) for p in (0, 1)]
+    binary = env.warehouse / "dns" / "binary"
+    real_split = type(DNS).split
+    seen = []
+
+    def watched_split(path, workdir, c):
+        for piece in real_split(DNS, path, workdir, c):
+            # The engine asks for this piece: what has it announced and staged so far?
+            seen.append((sum(consumer.end_offsets(tps).values()),
+                         len(list(binary.rglob("*a.pcap.*"))) if binary.exists() else 0))
+            yield piece
+        seen.append((sum(consumer.end_offsets(tps).values()), len(list(binary.rglob("*a.pcap.*")))))
+    monkeypatch.setattr(DNS, "split", watched_split)
+    monkeypatch.setattr(master, "_piece_announcer", None)
+    try:
+        taken = master.FileDelivery(cfg, pcfg, 2).take(env.collector / "a.pcap", "a.pcap",
+                                                       (env.collector / "a.pcap").stat().st_mtime)
+    finally:
+        if master._piece_announcer is not None:
+            master._piece_announcer[1].close()
+        consumer.close()
+    assert taken.announced == 8 and taken.damage is None
+    assert seen == [(k, k) for k in range(9)], "chunk k announced and staged before chunk k + 1"
+    records = [Announcement.decode(r.value) for r in topic_records(cfg.kafka.bootstrap, pcfg.topic)]
+    assert sorted(r.chunk_index for r in records) == list(range(8))
+    assert {r.source_sha256 for r in records} == {taken.sha256}
+    assert {r.original_name for r in records} == {f"a.pcap [{k}]" for k in range(1, 9)}
+    assert not list(env.staging.glob("dns_test-split-*")), "the split folder is removed"
+
+
+def test_chunk_order_survives_editcap_numbering_from_00000_again(tmp_path):
+    """editcap numbers chunks modulo 100,000; chunk_00000_* after chunk_99999_*
+    is the newest, not the oldest. A plain file's chunks are made large
+    enough that it never comes to that."""
+    from spot_ingest.pipelines.dns import _chunks, chunk_size, MAX_CHUNKS
+    for name in ("chunk_99998_20261122000000.pcapng", "chunk_99999_20261122000001.pcapng",
+                 "chunk_00000_20261122000002.pcapng", "editcap.stderr"):
+        (tmp_path / name).write_bytes(b"")
+    run, after_gap = _chunks(tmp_path, set(), 99998)
+    assert [p.name[:11] for p in run] == ["chunk_99998", "chunk_99999", "chunk_00000"]
+    assert after_gap == 0
+    run, after_gap = _chunks(tmp_path, {"chunk_99998_20261122000000.pcapng"}, 99999)
+    assert [p.name[:11] for p in run] == ["chunk_99999", "chunk_00000"] and after_gap == 0
+    # A listing made while editcap adds files can show a chunk without the
+    # one before it: only the run up to the gap comes.
+    (tmp_path / "chunk_00002_20261122000004.pcapng").write_bytes(b"")
+    run, after_gap = _chunks(tmp_path, {"chunk_99998_20261122000000.pcapng"}, 99999)
+    assert [p.name[:11] for p in run] == ["chunk_99999", "chunk_00000"] and after_gap == 1
+    big = tmp_path / "big.pcap"
+    with open(big, "wb") as f:
+        f.truncate(16 * 10 * MAX_CHUNKS)            # room for 1,000,000 empty records
+    assert chunk_size(big, 1) == 11 and chunk_size(big, 100_000) == 100_000
+    assert chunk_size(tmp_path / "x.pcap.gz", 1) == 1
+
+
+def test_tiny_chunks_stay_in_order_and_stop_before_editcap_reuses_names(capture, tmp_path):
+    """pkt_num 1 over 104,000 packets: a plain capture gets chunks large
+    enough for fewer than 100,000 of them; a compressed one, whose packets
+    its size does not bound, stops at 99,999 chunks, every packet before in
+    order, with a reason naming pkt_num."""
+    import gzip
+    from spot_ingest.pipeline import DamagedInputError
+    big = tmp_path / "big.pcap"
+    subprocess.run(["mergecap", "-a", "-F", "pcap", "-w", str(big), *[str(capture)] * 130],
+                   check=True)
+    packets = [r[16:] for r in pcap_records(big.read_bytes())]
+    assert len(packets) == 104_000
+    cfg = dns_config(tmp_path, pkt_num=1)
+
+    def split_all(path):
+        work = tmp_path / f"work-{path.name}"
+        work.mkdir()
+        got, chunks = [], 0
+        try:
+            for chunk in DNS.split(path, work, cfg):
+                got += pcapng_packets(chunk)
+                chunk.unlink()                 # as the master does once it is staged
+                chunks += 1
+        except DamagedInputError as exc:
+            return got, chunks, str(exc)
+        return got, chunks, None
+    got, chunks, problem = split_all(big)
+    assert problem is None and got == packets and 10_000 < chunks < 100_000
+    gz = tmp_path / "big.pcap.gz"
+    with open(big, "rb") as f, gzip.open(gz, "wb", compresslevel=1) as g:
+        shutil.copyfileobj(f, g)
+    got, chunks, problem = split_all(gz)
+    assert chunks == 99_999 and got == packets[:99_999]
+    assert "the first 99999 are loaded" in problem and "set pkt_num above 1" in problem
+
+
+@pytest.mark.parametrize("store", STORES, indirect=True)
+def test_master_killed_mid_split_redoes_the_file_and_doubles_no_row(make_env, capture, tmp_path,
+                                                                    broker):
+    """A master killed after some chunks of a capture were announced (the
+    workers load them meanwhile) and before the rest were split: the next
+    master splits the file again, stages the chunks under the same names and
+    announces them all; the workers load the repeated chunks into the same
+    files. Every response once, the split folder of the killed master gone."""
+    import signal
+    from conftest import wait_for
+    env = make_env("dns", pipeline="dns_kill", ptype="dns", pkt_num=100,
+                   supported_files=[".pcap"], settle_seconds=0.2, worker_processes=1)
+    (tmp_path / "src").mkdir()
+    big = repeated(capture, tmp_path / "src" / "big.pcap", 5)
+    pieces = 40                                   # 4,000 packets in chunks of 100
+    expected = dns_reference_rows([big])
+    env.worker(0)
+    env.worker(1)
+    drop(env, big)
+    binary = env.warehouse / "dns" / "binary"
+    master = env.master(2)
+    # The second chunk staged: the first was announced (acknowledged) before
+    # the split was asked for it. Then the broker stops answering, so the
+    # master can announce nothing more, and it is killed.
+    wait_for(lambda: binary.exists() and len(list(binary.rglob("*big.pcap.*"))) >= 2, 60,
+             "two chunks staged", interval=0.001)
+    pid = broker_pid(broker)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        env.kill(master)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    announced = topic_records(f"{broker[0]}:{broker[1]}", env.topic)
+    assert 1 <= len(announced) < pieces, "killed in the middle of the split"
+    assert (env.collector / "big.pcap").exists(), "the file stays until every chunk is announced"
+    assert list(env.staging.glob("dns_kill-split-*")), "the killed master's split folder is left"
+    # The workers load the chunks announced before the kill: rows of a file
+    # whose split never finished.
+    wait_for(lambda: sum(env.log(f"worker-{i}.log").count("loaded big.pcap [") for i in (0, 1))
+             >= len(announced), 120, "the announced chunks loaded")
+    assert 0 < env.row_count() < len(expected)
+    env.master(2)
+    wait_for(lambda: not (env.collector / "big.pcap").exists(), 120, "the file taken again")
+    wait_for(lambda: sum(env.log(f"worker-{i}.log").count("loaded big.pcap [") for i in (0, 1))
+             >= len(announced) + pieces, 300, "every announcement loaded")
+    assert dns_table_rows(env.table()) == expected
+    assert len({p.name for p in env.hive.rglob("*.parquet")}) == pieces, \
+        "a repeated chunk replaced its own file"
+    staged = list(binary.rglob("*big.pcap.*"))
+    assert len(staged) == pieces, "chunks staged again under the same names"
+    master_log = env.log("master.log")
+    assert "removed 1 split folder(s)" in master_log
+    assert not list(env.staging.glob("dns_kill-split-*"))
+    # Each chunk announced as it was split, in order, before the file's own line.
+    lines = master_log.splitlines()
+    done = next(i for i, line in enumerate(lines) if "staged and announced big.pcap (40 pieces"
+                in line)
+    second_run = [i for i, line in enumerate(lines) if "announced big.pcap [" in line][-pieces:]
+    assert [int(lines[i].split("big.pcap [")[1].split("]")[0]) for i in second_run] == \
+        list(range(1, pieces + 1))
+    assert second_run[-1] < done
+
+
+def test_master_start_removes_only_its_own_split_folders(make_env):
+    """What a killed master left in its scratch directory goes at the next
+    start; another pipeline's folders, and names take() never makes, stay."""
+    from spot_ingest import master
+    from spot_ingest.config import load
+    env = make_env("dns", pipeline="dns_test", ptype="dns", supported_files=[".pcap"])
+    env.staging.mkdir(parents=True, exist_ok=True)
+    mine = env.staging / "dns_test-split-ab_cd123"
+    mine.mkdir()
+    (mine / "chunk_00000_20261122000000.pcapng").write_bytes(b"left by a killed master")
+    kept = [env.staging / name for name in ("dns_test2-split-abcdefgh", "dns_test-split-abcdefgh-1",
+                                           "dns_test-split-ABCDEFGH", "dns_test-split-abc")]
+    for p in kept:
+        p.mkdir()
+    cfg = load(env.config)
+    master.FileDelivery(cfg, cfg.pipeline("dns_test"), 1).check()
+    assert not mine.exists() and all(p.is_dir() for p in kept)
 
 
 # --- The sample capture: made without privileges, the same traffic tcpdump sees ---

@@ -110,6 +110,57 @@ def _packets(capture: Path) -> int:
     return int(out.split("\t")[-1]) if out.strip() else 0
 
 
+_CHUNK_INDEX = re.compile(r"chunk_(\d+)_")
+# editcap numbers its chunks modulo 100,000 (ringbuffer.h): after
+# chunk_99999_* comes chunk_00000_* again, which sorts first and can even
+# take the name of an earlier chunk. A split never makes more chunks.
+MAX_CHUNKS = 100_000
+# The smallest record of a capture (a pcap record header with no data): what
+# bounds the packets a file of a given size can hold.
+_MIN_RECORD = 16
+
+
+def chunk_size(path: Path, pkt_num: int) -> int:
+    """Packets per chunk for ``path``: ``pkt_num``, raised where the file could
+    hold so many packets that editcap would number more than MAX_CHUNKS
+    chunks. It depends on the file's size only, so a file split again (a
+    master killed half-way) is cut at the same packets. A compressed file's
+    packets are not bounded by its size: ``split`` stops at MAX_CHUNKS."""
+    if path.name.endswith(".gz"):
+        return pkt_num
+    bound = path.stat().st_size // _MIN_RECORD
+    return max(pkt_num, -(-bound // (MAX_CHUNKS - 1)))
+
+
+def _too_many_chunks(path: Path, count: int, pkt_num: int) -> DamagedInputError:
+    return DamagedInputError(
+        f"{path} holds more than {count * pkt_num} packets: the first {count * pkt_num} are "
+        f"loaded, in {count} chunks, the most a split makes; set pkt_num above {pkt_num} to "
+        f"load such a file whole", [])
+
+
+def _chunks(workdir: Path, done: set[str], count: int) -> tuple[list[Path], int]:
+    """editcap's chunks in ``workdir`` not in ``done`` (``count`` chunks were
+    taken) that come next, in the order written, and how many others there
+    are. Order is by index from the next one expected, so that a chunk
+    numbered 00000 again after 99999 comes last (``split`` takes fewer than
+    MAX_CHUNKS); and only the run without a gap counts, because a directory
+    listed while editcap adds files may show a chunk without the one before
+    it. A capture without packets gives one chunk without an index
+    (``chunk.pcapng``)."""
+    found = []
+    for p in workdir.iterdir():
+        if p.name.startswith("chunk") and p.name not in done:
+            m = _CHUNK_INDEX.match(p.name)
+            found.append(((int(m.group(1)) - count) % MAX_CHUNKS if m else -1, p.name, p))
+    run: list[Path] = []
+    for position, _, p in sorted(found):
+        if position >= 0 and position != len(run):
+            break
+        run.append(p)
+    return run, len(found) - len(run)
+
+
 def split_tshark_args(args: list[str]) -> tuple[list[tuple[str, str | None]], str]:
     """``args`` as tshark's getopt_long sees them: ([(option, value or None)],
     the display filter made of the trailing arguments). ValueError names an
@@ -363,27 +414,44 @@ class DnsPipeline(FilePipeline):
 
     def split(self, path: Path, workdir: Path, cfg: PipelineConfig) -> Iterator[Path]:
         """``editcap -c pkt_num``, each chunk yielded as soon as editcap has
-        started the next one (or exited), so that workers decode the first
-        chunks while the rest is being split."""
-        # editcap names chunks <prefix>_<5-digit index>_<timestamp>.<ext>.
+        begun the next one (it closes a chunk before it opens the next) or
+        has exited, so that the master stages and announces it, and workers
+        decode it, while editcap goes on splitting the rest.
+
+        The chunks are the same bytes at every split of the same capture
+        (editcap writes no time of its own into them), so a master killed
+        half-way stages them again under the same names. Closing the
+        generator early stops editcap."""
+        # editcap names chunks <prefix>_<index>_<time of the first packet>.<ext>
         errors = workdir / "editcap.stderr"
+        started = time.monotonic()
+        pkt_num = chunk_size(path, cfg.options.pkt_num)
+        if pkt_num != cfg.options.pkt_num:
+            log.info("%s: chunks of %d packets instead of pkt_num %d: a file of %d bytes could "
+                     "otherwise need more than %d chunks", path, pkt_num, cfg.options.pkt_num,
+                     path.stat().st_size, MAX_CHUNKS - 1)
         with open(errors, "wb") as err:
-            proc = subprocess.Popen(["editcap", "-c", str(cfg.options.pkt_num), str(path),
+            proc = subprocess.Popen(["editcap", "-c", str(pkt_num), str(path),
                                      str(workdir / "chunk.pcapng")], stdout=subprocess.DEVNULL,
                                     stderr=err, stdin=subprocess.DEVNULL)
-        yielded: list[str] = []
+        yielded: set[str] = set()
+        count = 0
         try:
             while True:
                 finished = proc.poll() is not None
-                chunks = sorted(p for p in workdir.iterdir()
-                                if p.name.startswith("chunk") and p.name not in yielded)
+                chunks, after_gap = _chunks(workdir, yielded, count)
                 if finished:
                     break
                 for chunk in chunks[:-1]:      # the newest may still be written
-                    yielded.append(chunk.name)
+                    if count == MAX_CHUNKS - 1:
+                        raise _too_many_chunks(path, count, pkt_num)
+                    yielded.add(chunk.name)
+                    count += 1
                     yield chunk
-                if len(chunks) <= 1:
-                    time.sleep(0.05)
+                if len(chunks) <= 1 and not after_gap:   # after a gap, list again at once
+                    # editcap writes a chunk in milliseconds: look often (a
+                    # listing of a folder of a few files costs microseconds).
+                    time.sleep(0.01)
         finally:
             if proc.poll() is None:            # the caller stopped early
                 proc.kill()
@@ -391,13 +459,21 @@ class DnsPipeline(FilePipeline):
         message = errors.read_text("utf-8", "replace").strip()
         if proc.returncode != 0:
             raise BadInputError(f"editcap could not read {path}: {message}")
+        if after_gap:   # listed after editcap exited: nothing was being added
+            raise RuntimeError(f"editcap left {after_gap} chunk(s) of {path} out of sequence "
+                               f"in {workdir}; the file is split again later")
+        log.debug("editcap split %s into %d chunk(s) of up to %d packets in %.2f s", path,
+                  count + len(chunks), pkt_num, time.monotonic() - started)
         # editcap exits 0 on a damaged or truncated capture, keeping only the
         # packets before the damage: say so, and let the master keep the original.
         damaged = CUT_SHORT in message or DAMAGED in message
-        kept = (len(yielded) + len(chunks) - 1) * cfg.options.pkt_num + _packets(chunks[-1]) \
+        kept = (count + len(chunks) - 1) * pkt_num + _packets(chunks[-1]) \
             if damaged and chunks else 0
         for chunk in chunks:
-            yielded.append(chunk.name)
+            if count == MAX_CHUNKS - 1:
+                raise _too_many_chunks(path, count, pkt_num)
+            yielded.add(chunk.name)
+            count += 1
             yield chunk
         if damaged:
             raise DamagedInputError(
