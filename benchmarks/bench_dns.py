@@ -39,6 +39,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import busy_seconds, machine_ceiling  # noqa: E402
 from spot_ingest.pipelines.dns.sample import make_dns_capture  # noqa: E402
 from spot_ingest.broker import EmbeddedBroker  # noqa: E402
 from spot_ingest.config import load  # noqa: E402
@@ -121,13 +122,6 @@ class TreePeak(threading.Thread):
                 self.peaks[wid] = (max(old[0], pss), max(old[1], rss))
             self.cpu = time.thread_time()
             time.sleep(0.1)
-
-
-def busy_seconds() -> float:
-    """CPU time the whole machine has spent busy (not idle, not waiting for I/O)."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> str:
@@ -241,6 +235,7 @@ def main() -> None:
         a, a_cores, a_load = tshark_pass(capture)
         r = pipeline_run(args, capture)
         b = r["b"]
+        ceiling = machine_ceiling(os.cpu_count() or 1)
         ratios.append(a / b)
         print(f"(a) one tshark pass, original field list, to /dev/null   {a:6.2f} s   "
               f"cores used {a_cores:.2f}, load average before {a_load}")
@@ -255,6 +250,8 @@ def main() -> None:
               f"{'' if args.pkt_num else ' (default)'}, {'/'.join(processes)} conversion "
               f"process(es) per worker{'' if args.worker_processes else ' (default)'}, "
               f"{os.cpu_count()} cores)")
+        print(f"machine ceiling: {os.cpu_count()} pinned CPU-bound processes run "
+              f"{ceiling:.2f}x as fast as one (measured now); a/b is {a / b / ceiling:.2f} of it")
         for wid, (pss, rss) in sorted(r["peaks"].items()):
             print(f"peak memory, worker {wid} with its pool and tshark processes: {pss / 1e6:.0f} "
                   f"MB PSS (target < 500 MB); RSS summed over the processes, counting shared "

@@ -28,15 +28,12 @@ import time
 import uuid
 from pathlib import Path
 
-import subprocess
-
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from benchmarks.bench_flow import ensure_file  # noqa: E402
+from benchmarks.machine import busy_seconds, machine_ceiling  # noqa: E402
 from spot_ingest.broker import broker_binary  # noqa: E402
 from netns import Lan  # noqa: E402
 
@@ -61,29 +58,6 @@ for p in range(hosts):
     announcer.announce(Announcement.end_of_run("bench", "flow", run, "bench"), p)
 announcer.close()
 """
-
-
-SPIN = "import time\nt = time.perf_counter()\nx = 0\nfor i in range(25_000_000): x += i * i\nprint(time.perf_counter() - t)"
-
-
-def machine_ceiling(hosts: int) -> float:
-    """What this machine gives ``hosts`` CPU-bound processes pinned as the
-    worker hosts are, against one: the same fixed work in each, speed-up =
-    hosts x (time alone / slowest time together). Shared virtual machines
-    give less than their vCPU count (seen here: 1.3-1.6 for 2)."""
-    cores = os.cpu_count() or 1
-
-    def spin(n: int) -> float:
-        procs = [subprocess.Popen(["taskset", "-c", str(i % cores), sys.executable, "-c", SPIN],
-                                  stdout=subprocess.PIPE, text=True) for i in range(n)]
-        return max(float(p.communicate()[0]) for p in procs)
-    alone = spin(1)
-    return hosts * alone / spin(hosts)
-
-
-def busy_seconds() -> float:
-    t = psutil.cpu_times()
-    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
 def rows_of(store: Path) -> int:

@@ -471,7 +471,8 @@ class Master:
                  self.pcfg.name, self.pcfg.collector_path, self.pcfg.topic, partitions,
                  self.workers, self.cfg.store, self.cfg.collector_processes,
                  self.watcher.pending())
-        self.pool = process_pool(self.cfg.collector_processes)
+        self.pool = process_pool(self.cfg.collector_processes,
+                                 warm=(__name__, type(registry.load(self.pcfg.type)).__module__))
         try:
             while not self.stopping:
                 self._step()

@@ -7,6 +7,7 @@ collector host and in the store alike); the reason travels in a
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import signal
@@ -84,10 +85,18 @@ def _init_pool_process(level: int) -> None:
     setup_logging(level)
 
 
-def process_pool(processes: int) -> ProcessPoolExecutor:
+def _warm(modules: tuple[str, ...]) -> None:
+    for module in modules:
+        importlib.import_module(module)
+
+
+def process_pool(processes: int, warm: tuple[str, ...] = ()) -> ProcessPoolExecutor:
     """The pool of the master's staging and the workers' conversions:
     forkserver processes (no inherited threads or Kafka clients) that ignore
-    Ctrl-C and log like their parent."""
+    Ctrl-C and log like their parent. Every process is started now and
+    imports the modules ``warm`` names (those of the work it will run):
+    otherwise the first file would wait about half a second for the
+    forkserver and the imports."""
     # The pool's queues are named semaphores in /dev/shm, each registered with
     # multiprocessing's resource tracker, which removes them if this process
     # is killed. The first registration starts the tracker (a new Python
@@ -95,7 +104,10 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
     # that nothing removes. Started first, the window is one pipe write.
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
-    return ProcessPoolExecutor(max_workers=processes,
+    pool = ProcessPoolExecutor(max_workers=processes,
                                mp_context=multiprocessing.get_context("forkserver"),
                                initializer=_init_pool_process,
                                initargs=(logging.getLogger().level,))
+    for _ in range(processes):     # each submit with no idle process starts one
+        pool.submit(_warm, warm)
+    return pool

@@ -390,7 +390,7 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------
     def _new_pool(self) -> ProcessPoolExecutor:
-        return process_pool(self.processes)
+        return process_pool(self.processes, warm=(__name__, type(self.plugin).__module__))
 
     def request_stop(self, signum=None, frame=None) -> None:
         if self.stopping:

@@ -147,3 +147,42 @@ def test_writer_as_a_block_commits_or_aborts(tmp_path):
             raise RuntimeError("conversion failed half-way")
     assert table_files(tmp_path / "hive") == ["y=2026/h=3/part-ok.parquet"]
     assert not list((tmp_path / "_tmp").iterdir())
+
+
+
+POOL_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from spot_ingest.policy import process_pool
+
+def imported(module):
+    return module in sys.modules
+
+if __name__ == "__main__":
+    pool = process_pool(2, warm=("spot_ingest.pipelines.flow",))
+    started = len(pool._processes)
+    answers = sorted({pool.submit(imported, "spot_ingest.pipelines.flow").result(60)
+                      for _ in range(4)})
+    print(json.dumps([started, answers, len(pool._processes)]))
+    pool.shutdown()
+"""
+
+
+def test_pool_processes_start_with_the_pool_and_import_their_work(tmp_path):
+    """The first file does not wait for the forkserver and the imports: every
+    process exists, with the named modules imported, before any work is
+    submitted. (In a process of its own: a pool's resource tracker lives as
+    long as the process that made it.)"""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    probe = tmp_path / "probe.py"
+    probe.write_text(POOL_PROBE)
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(probe), str(repo)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    started, answers, after = json.loads(out.splitlines()[-1])
+    assert started == 2, "both processes started by the pool itself"
+    assert answers == [True], "each has the flow pipeline imported"
+    assert after == 2, "no process started for the work"
